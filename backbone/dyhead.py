@@ -1,0 +1,162 @@
+"""The DyHead tower (Dai et al. 2021) as GLIP interleaves it with deep fusion.
+
+microsoft/GLIP `modeling/rpn/vldyhead.py` (DyConv, Conv3x3Norm, VLDyHead tower) and `layers/dyrelu.py`;
+facts in shared/reference/FINDINGS.md §5 and §13.1. Each tower layer is
+[fusion block → BERT layer on the text stream] (deep fusion only) → DyConv over all levels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertLayer
+
+from backbone.fusion import FusionBlock
+
+
+def h_sigmoid(x: Tensor) -> Tensor:
+    return F.relu6(x + 3.0) / 6.0
+
+
+def modulated_deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
+                          stride: int) -> Tensor:
+    """3x3 modulated deformable conv with the official CUDA kernel's handling of mismatched offsets.
+
+    The official DyConv hands the offsets computed on level l to the conv applied on the coarser level
+    l+1. The kernel has no shape check and reads them as raw memory: the first 18·h·w values of each
+    image's flattened offset (9·h·w of the mask), where (h, w) is the output size. Pretrained weights
+    were trained with this, so we reproduce it (FINDINGS §13.1) instead of resizing.
+    """
+    batch, _, height, width = x.shape
+    out_h = (height + 2 - 3) // stride + 1
+    out_w = (width + 2 - 3) // stride + 1
+    if offset.shape[-2:] != (out_h, out_w):
+        offset = offset.reshape(batch, -1)[:, : 18 * out_h * out_w].reshape(batch, 18, out_h, out_w)
+        mask = mask.reshape(batch, -1)[:, : 9 * out_h * out_w].reshape(batch, 9, out_h, out_w)
+    return torchvision.ops.deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+
+
+class Conv3x3Norm(nn.Module):
+    """(Deformable) 3x3 conv followed by GroupNorm."""
+
+    def __init__(self, channels: int, stride: int, deformable: bool, groups: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
+        self.bn = nn.GroupNorm(groups, channels)
+        self.stride = stride
+        self.deformable = deformable
+
+    def forward(self, x: Tensor, offset: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        if self.deformable:
+            x = modulated_deform_conv(x, offset, mask, self.conv.weight, self.conv.bias, self.stride)
+        else:
+            x = self.conv(x)
+        return self.bn(x)
+
+
+class DyReLU(nn.Module):
+    """Dynamic ReLU (Chen et al. 2020), K=2 with bias: out = max(x·a1 + b1, x·a2 + b2), coefficients from x."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        self.channels = channels
+        self.fc = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
+                                nn.Linear(channels // reduction, 4 * channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        coeffs = h_sigmoid(self.fc(x.mean(dim=(2, 3))))[:, :, None, None]  # (B, 4C, 1, 1)
+        a1, b1, a2, b2 = torch.split(coeffs, self.channels, dim=1)
+        # lambda_a = 2, init_a = (1, 0), init_b = (0, 0), as in layers/dyrelu.py
+        a1 = (a1 - 0.5) * 2.0 + 1.0
+        a2 = (a2 - 0.5) * 2.0
+        return torch.maximum(x * a1 + (b1 - 0.5), x * a2 + (b2 - 0.5))
+
+
+class DyConv(nn.Module):
+    """Scale-aware, spatial-aware and task-aware attention over all pyramid levels at once."""
+
+    def __init__(self, channels: int, deformable: bool = True, groups: int = 16):
+        super().__init__()
+        # DyConv[0]: from the coarser level (upsampled), [1]: same level, [2]: from the finer level (stride 2).
+        self.DyConv = nn.ModuleList([Conv3x3Norm(channels, 1, deformable, groups),
+                                     Conv3x3Norm(channels, 1, deformable, groups),
+                                     Conv3x3Norm(channels, 2, deformable, groups)])
+        self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, 1), nn.ReLU(inplace=True))
+        self.relu = DyReLU(channels)
+        self.offset = nn.Conv2d(channels, 27, 3, padding=1) if deformable else None
+        self.deformable = deformable
+
+    def forward(self, levels: list[Tensor]) -> list[Tensor]:
+        outputs = []
+        for index, feature in enumerate(levels):
+            args = {}
+            if self.deformable:
+                offset_mask = self.offset(feature)
+                args = {"offset": offset_mask[:, :18], "mask": offset_mask[:, 18:].sigmoid()}
+            branches = [self.DyConv[1](feature, **args)]
+            if index > 0:
+                branches.append(self.DyConv[2](levels[index - 1], **args))
+            if index < len(levels) - 1:
+                coarser = self.DyConv[0](levels[index + 1], **args)
+                # F.upsample_bilinear in the official code, i.e. align_corners=True
+                branches.append(F.interpolate(coarser, size=feature.shape[-2:], mode="bilinear", align_corners=True))
+            stacked = torch.stack(branches)  # (n_branches, B, C, H, W)
+            attention = h_sigmoid(torch.stack([self.AttnConv(b) for b in branches]))  # (n_branches, B, 1, 1, 1)
+            outputs.append(self.relu((stacked * attention).mean(dim=0)))
+        return outputs
+
+
+def _text_layer(hidden_size: int, num_heads: int, intermediate_size: int) -> BertLayer:
+    config = BertConfig(hidden_size=hidden_size, num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                        attn_implementation="eager", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return BertLayer(config)
+
+
+class DyHeadLayer(nn.Module):
+    """One tower layer: optional fusion + BERT layer on the text stream, then DyConv on the image stream."""
+
+    def __init__(self, *, channels: int, text_dim: int, deformable: bool, groups: int,
+                 fusion: FusionBlock | None = None, text_layer: BertLayer | None = None):
+        super().__init__()
+        self.fusion = fusion
+        self.text_layer = text_layer
+        self.dyconv = DyConv(channels, deformable, groups)
+
+    def forward(self, levels: list[Tensor], text: Tensor, text_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        if self.fusion is not None:
+            levels, text = self.fusion(levels, text, text_mask)
+        if self.text_layer is not None:
+            additive = None
+            if text_mask is not None and not bool(text_mask.all()):
+                additive = (1.0 - text_mask[:, None, None, :].to(text.dtype)) * torch.finfo(text.dtype).min
+            text = self.text_layer(text, attention_mask=additive)
+            if isinstance(text, tuple):
+                text = text[0]
+        return self.dyconv(levels), text
+
+
+class DyHeadTower(nn.Module):
+    def __init__(self, layers: list[DyHeadLayer]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    @classmethod
+    def build(cls, *, num_layers: int, channels: int, text_dim: int, deformable: bool, groups: int,
+              fusion: bool, fusion_embed_dim: int, fusion_heads: int, fusion_dropout: float,
+              text_layers: bool, text_heads: int, text_intermediate: int) -> "DyHeadTower":
+        layers = []
+        for _ in range(num_layers):
+            block = FusionBlock(visual_dim=channels, text_dim=text_dim, embed_dim=fusion_embed_dim,
+                                num_heads=fusion_heads, dropout=fusion_dropout,
+                                init_gamma=1.0 / num_layers) if fusion else None
+            text_layer = _text_layer(text_dim, text_heads, text_intermediate) if fusion and text_layers else None
+            layers.append(DyHeadLayer(channels=channels, text_dim=text_dim, deformable=deformable, groups=groups,
+                                      fusion=block, text_layer=text_layer))
+        return cls(layers)
+
+    def forward(self, levels: list[Tensor], text: Tensor, text_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        for layer in self.layers:
+            levels, text = layer(levels, text, text_mask)
+        return levels, text
