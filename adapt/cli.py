@@ -1,10 +1,81 @@
 """The `adapt` command line: a thin layer over the Python API (heavy imports stay inside commands)."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 app = typer.Typer(help="Parameter-efficient adaptation of GLIP: one frozen core, many small task adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("verify-reference")
+def verify_reference(
+    cases: Annotated[list[Path], typer.Argument(help="reference case folders (e.g. ../shared/reference/glip_t)")],
+    threads: Annotated[int, typer.Option(help="CPU threads")] = 2,
+) -> None:
+    """Rebuild each case's official checkpoint, convert it, run it and compare every stage with the official outputs."""
+    from backbone.verify import verify_case
+
+    failed = 0
+    for case in cases:
+        try:
+            report = verify_case(case, threads=threads)
+        except (FileNotFoundError, ValueError, RuntimeError) as error:
+            typer.echo(f"case {case}: ERROR {error}", err=True)
+            failed += 1
+            continue
+        typer.echo(report.render())
+        failed += not report.ok
+    if failed:
+        fail(f"{failed} of {len(cases)} reference case(s) failed", code=1)
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="official GLIP checkpoint (.pth)")],
+    target: Annotated[Path, typer.Argument(help="output .safetensors (our key names, config in the header)")],
+) -> None:
+    """Convert an official GLIP checkpoint into this toolkit's safetensors format (strict)."""
+    from backbone.convert import CheckpointMismatchError, convert_file
+
+    if not source.exists():
+        fail(f"{source} does not exist")
+    try:
+        config = convert_file(source, target)
+    except CheckpointMismatchError as error:
+        fail(str(error))
+    typer.echo(f"wrote {target} ({config.name}, {target.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+def detect(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="categories, 'fish. shark. penguin'")],
+    base: Annotated[str, typer.Option(help="checkpoint name or path")] = "glip-nano",
+    threshold: Annotated[float, typer.Option(help="score threshold")] = 0.5,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write COCO-style results here")] = None,
+) -> None:
+    """Zero-shot detection with a base model and a text prompt."""
+    import json
+
+    from backbone.detector import GLIPDetector
+
+    detector = GLIPDetector.from_pretrained(base)
+    results = []
+    for index, (path, dets) in enumerate(zip(images, detector.detect([str(p) for p in images], prompt, threshold))):
+        typer.echo(f"{path}: {len(dets)} detections")
+        for box, score, name in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.names):
+            typer.echo(f"  {name:<20} {score:.3f}  [{', '.join(f'{v:.1f}' for v in box)}]")
+        results += [dict(r, file=str(path), category=name) for r, name in zip(dets.to_coco(index), dets.names)]
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=1))
 
 
 def _register_subapps() -> None:

@@ -85,7 +85,8 @@ def _as_category(item: Any, index: int) -> CategoryPrompt:
         if not item.strip():
             raise ValueError(f"category {index} is blank ({item!r}); every category needs a name")
         return CategoryPrompt(item)
-    raise TypeError(f"category {index} is a {type(item).__name__} ({item!r}); pass a str or a CategoryPrompt")
+    raise TypeError(f"category {index} is a {type(item).__name__} ({item!r}); pass a str or a CategoryPrompt "
+                    "(a grounding prompt is a (caption, spans) tuple)")
 
 
 def _as_categories(categories: Any) -> list[CategoryPrompt]:
@@ -118,7 +119,8 @@ def _layout(categories: Sequence[CategoryPrompt], separator: str):
     return "".join(parts), name_spans, segments
 
 
-def build_caption(categories: Sequence[str | CategoryPrompt], separator: str = ". ") -> tuple[str, list[tuple[int, int]]]:
+def build_caption(categories: Sequence[str | CategoryPrompt],
+                  separator: str = ". ") -> tuple[str, list[tuple[int, int]]]:
     """Lay categories out as GLIP's official `create_queries_and_maps` does.
 
     Each category contributes `prefix + name + suffix`; categories are joined by `separator` with no trailing
@@ -320,17 +322,22 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> Image.Im
         TypeError: an unsupported source type.
     """
     if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, np.ndarray):
-        image = _from_array(source)
-    else:
-        try:
-            image = _open(source)
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"{_describe(source)} is too large to decode safely ({error})") from None
-        except Image.UnidentifiedImageError:
-            raise ValueError(f"{_describe(source)} is not an image PIL can read (unknown format, or a truncated/"
-                             "corrupt header); pass a PNG, JPEG or other image file") from None
+        return _decode(source, source, max_pixels)
+    if isinstance(source, np.ndarray):
+        return _decode(_from_array(source), source, max_pixels)
+    try:
+        opened = _open(source)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{_describe(source)} is too large to decode safely ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{_describe(source)} is not an image PIL can read (unknown format, or a truncated/"
+                         "corrupt header); pass a PNG, JPEG or other image file") from None
+    # Closing releases a file PIL opened itself; a caller's file object stays open.
+    with opened:
+        return _decode(opened, source, max_pixels)
+
+
+def _decode(image: Image.Image, source: Any, max_pixels: int | None) -> Image.Image:
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ValueError(f"{_describe(source)} is {width}x{height} = {width * height} pixels, more than "
@@ -342,6 +349,7 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> Image.Im
     except (OSError, SyntaxError, EOFError, ValueError) as error:
         raise ValueError(f"{_describe(source)} is truncated or corrupt: PIL could not decode it ({error}); "
                          "re-download or re-export the file") from None
+    # exif_transpose always returns a new image, so the result outlives the source file.
     return _to_rgb(ImageOps.exif_transpose(image))
 
 

@@ -1,0 +1,115 @@
+"""The user-facing detector, in the style of transformers' zero-shot detectors.
+
+    detector = GLIPDetector.from_pretrained("glip-nano")
+    [dets] = detector.detect("photo.jpg", ["fish", "shark"], threshold=0.4)
+    dets.boxes, dets.scores, dets.labels, dets.names
+
+Beyond the official code: any number of categories (long lists run as chunks of ≤256 tokens over
+visual features computed once, then merged before NMS), a different prompt per image, and
+precomputed prompt features (P0) so the language backbone need not run at all.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from backbone.anchors import BoxCoder
+from backbone.model import GLIP
+from backbone.outputs import Detections, PromptFeatures, VisualFeatures
+from backbone.postprocess import Candidates, Postprocessor
+from backbone.processor import CategoryPrompt, GLIPProcessor, ImageBatch, TokenizedPrompt, rescale_boxes
+
+Categories = Sequence[str | CategoryPrompt]
+
+
+def split_prompt(prompt: str) -> list[str]:
+    """'fish. jellyfish. penguin' -> ['fish', 'jellyfish', 'penguin'] (GLIP's detection-prompt separator)."""
+    names = [part.strip() for part in prompt.split(".")]
+    return [n for n in names if n]
+
+
+class GLIPDetector:
+    def __init__(self, model: GLIP, processor: GLIPProcessor, postprocessor: Postprocessor | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        config = model.config
+        self.postprocessor = postprocessor or Postprocessor(
+            config.postprocess, BoxCoder(config.head.box_coder_weights))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "glip-nano", **kwargs) -> "GLIPDetector":
+        model = GLIP.from_pretrained(name_or_path, **kwargs)
+        return cls(model, GLIPProcessor.from_config(model.config))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, categories: Categories | str) -> list[TokenizedPrompt]:
+        if isinstance(categories, str):
+            categories = split_prompt(categories)
+        return self.processor.tokenize(list(categories))
+
+    @torch.no_grad()
+    def detect(self, images, categories: Categories | str | Sequence[Categories], threshold: float = 0.5,
+               resize: bool = True) -> list[Detections]:
+        """Detect `categories` in `images` (paths, bytes, PIL images or RGB arrays; one or a list).
+
+        `categories` is one category list (or a "a. b. c" prompt) for all images, or one list per image.
+        Returns one `Detections` per image, boxes xyxy in original pixels, scores > threshold.
+        """
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        per_image = _per_image_categories(categories, len(images))
+        batch = self.processor.preprocess(list(images), resize=resize).to(self.device)
+        visual = self.model.encode_images(batch.pixel_values, batch.image_sizes)
+        results = []
+        for index, cats in enumerate(per_image):
+            prompts = self.tokenize(cats)
+            candidates = Candidates.cat([self._candidates(visual[index], p) for p in prompts])
+            final = self.postprocessor.select(candidates)
+            names = [n for p in prompts for n in p.categories]
+            results.append(self._to_detections(final, batch, index, names, threshold))
+        return results
+
+    @torch.no_grad()
+    def detect_with_features(self, batch: ImageBatch, prompt: PromptFeatures, positive_map: Tensor,
+                             categories: list[str], threshold: float = 0.0,
+                             visual: VisualFeatures | None = None) -> list[Detections]:
+        """Detect with precomputed P0 (e.g. a prompt adapter's), skipping the language backbone."""
+        if visual is None:
+            visual = self.model.encode_images(batch.pixel_values.to(self.device), batch.image_sizes)
+        outputs = self.model.fuse_and_predict(visual, prompt.to(self.device))
+        finals = self.postprocessor(outputs, positive_map.to(self.device))
+        return [self._to_detections(f, batch, i, categories, threshold) for i, f in enumerate(finals)]
+
+    def _candidates(self, visual: VisualFeatures, prompt: TokenizedPrompt) -> Candidates:
+        features = self.model.encode_prompt(prompt.input_ids.to(self.device), prompt.attention_mask.to(self.device))
+        outputs = self.model.fuse_and_predict(visual, features)
+        levels = self.postprocessor.level_candidates(outputs, 0, prompt.positive_map.to(self.device),
+                                                     label_offset=prompt.category_offset)
+        return Candidates.cat(levels)
+
+    @staticmethod
+    def _to_detections(final: Candidates, batch: ImageBatch, index: int, names: list[str],
+                       threshold: float) -> Detections:
+        keep = final.scores > threshold
+        boxes = rescale_boxes(final.boxes[keep].cpu(), batch.image_sizes[index], batch.original_sizes[index])
+        return Detections(boxes=boxes, scores=final.scores[keep].cpu(), labels=final.labels[keep].cpu(),
+                          categories=list(names))
+
+
+def _per_image_categories(categories, num_images: int) -> list:
+    if isinstance(categories, str):
+        return [categories] * num_images
+    categories = list(categories)
+    if not categories:
+        raise ValueError("no categories given: pass at least one category name to detect")
+    if all(isinstance(c, (list, tuple)) for c in categories):
+        if len(categories) != num_images:
+            raise ValueError(f"got {len(categories)} category lists for {num_images} images; pass one list for "
+                             "all images or one per image")
+        return categories
+    return [categories] * num_images

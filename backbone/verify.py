@@ -1,0 +1,196 @@
+"""Check this GLIP against a reference case produced by the official code (shared/reference format).
+
+A case folder holds keys.json (official key layout), prompt.json, input.png, outputs.safetensors and
+outputs.json; its parent holds init_weights.py, which rebuilds the official-format checkpoint
+deterministically. We rebuild it (running that script from its own folder), convert and load it
+strictly, run the case, and compare every stage with the tolerances of shared/reference/README.md
+(relative to each tensor's largest value) and the detections with its matching rule.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+from torchvision.ops import box_iou
+
+# Relative tolerances, max|ours - ref| / max|ref| (README "Tolerances": ~5-10x the official noise floor).
+TOLERANCES = {"bert": 1e-5, "backbone": 1e-5, "fpn": 1e-5, "dyhead": 2e-4, "head": 2e-4}
+
+
+@dataclass
+class CheckResult:
+    name: str
+    worst: float
+    tolerance: float
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= self.tolerance
+
+
+@dataclass
+class CaseReport:
+    case: str
+    model: str
+    checks: list[CheckResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def render(self) -> str:
+        lines = [f"case {self.case} ({self.model})"]
+        for c in self.checks:
+            status = "ok  " if c.ok else "FAIL"
+            lines.append(f"  {status} {c.name:<28} worst {c.worst:.3g} (tolerance {c.tolerance:.3g}) {c.detail}")
+        lines.append(f"  {'PASS' if self.ok else 'FAIL'} in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def relative_error(ours: Tensor, ref: Tensor) -> float:
+    if ours.shape != ref.shape:
+        return float("inf")
+    scale = ref.abs().max().clamp(min=1e-12)
+    return float((ours.float() - ref.float()).abs().max() / scale) if ref.numel() else 0.0
+
+
+def rebuild_weights(case_dir: Path, out_file: Path) -> None:
+    """Run the initialiser that sits in the case's parent folder, from there, on the case's keys.json."""
+    script = case_dir.parent / "init_weights.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: a reference case folder must sit beside init_weights.py")
+    run = subprocess.run([sys.executable, script.name, str((case_dir / "keys.json").resolve()), str(out_file)],
+                         cwd=script.parent, capture_output=True, text=True)
+    if run.returncode != 0 or "OK" not in run.stdout:
+        raise RuntimeError(f"init_weights.py failed for {case_dir}:\n{run.stdout}\n{run.stderr}")
+
+
+def match_detections(boxes: Tensor, scores: Tensor, labels: Tensor, ref_boxes: Tensor, ref_scores: Tensor,
+                     ref_labels: Tensor, fragile: set[int], max_extra: int) -> tuple[int, int, int]:
+    """One-to-one matching (same label, IoU ≥ 0.99, |Δscore| ≤ 1e-4). Returns (unmatched non-fragile ref, extra, matched)."""
+    used = torch.zeros(len(boxes), dtype=torch.bool)
+    iou = box_iou(ref_boxes, boxes) if len(boxes) and len(ref_boxes) else torch.zeros(len(ref_boxes), len(boxes))
+    missed, matched = 0, 0
+    for i in range(len(ref_boxes)):
+        ok = (labels == ref_labels[i]) & (iou[i] >= 0.99) & ((scores - ref_scores[i]).abs() <= 1e-4) & ~used
+        if ok.any():
+            j = int(torch.nonzero(ok)[0])
+            used[j] = True
+            matched += 1
+        elif i not in fragile:
+            missed += 1
+    return missed, int((~used).sum()), matched
+
+
+def verify_case(case_dir: str | Path, threads: int | None = 2) -> CaseReport:
+    from backbone.convert import infer_config, load_official_into, read_official
+    from backbone.model import GLIP
+    from backbone.postprocess import Postprocessor
+    from backbone.processor import GLIPProcessor, rescale_boxes
+
+    case_dir = Path(case_dir)
+    for name in ("keys.json", "prompt.json", "outputs.safetensors", "outputs.json"):
+        if not (case_dir / name).exists():
+            raise FileNotFoundError(f"{case_dir / name} is missing: not a reference case folder")
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "official.safetensors"
+        rebuild_weights(case_dir, weights)
+        official = read_official(weights)
+    config = infer_config(official)
+    model = GLIP.from_config(config).eval()
+    load_official_into(model, official, config)
+    del official
+    report = CaseReport(case=str(case_dir), model=config.name)
+    ref = load_file(str(case_dir / "outputs.safetensors"))
+    described = json.loads((case_dir / "outputs.json").read_text())
+    prompt = json.loads((case_dir / "prompt.json").read_text())
+    processor = GLIPProcessor.from_config(config)
+
+    # Prompt: ids, mask and positive map must be identical on the real tokens.
+    spans = [tuple(s) for s in prompt["phrase_char_spans"]]
+    chunks = processor.tokenize((prompt["caption"], spans))
+    if len(chunks) != 1:
+        raise ValueError("reference prompts fit in one chunk; this one was split")
+    tokens = chunks[0]
+    n = int(ref["lang.attention_mask"].sum())
+    same_ids = torch.equal(tokens.input_ids, ref["lang.input_ids"][:, :n]) and \
+        torch.equal(tokens.attention_mask.long(), ref["lang.attention_mask"][:, :n])
+    same_map = torch.equal(tokens.positive_map, ref["lang.positive_map"][:, :n] > 0) and \
+        bool((ref["lang.positive_map"][:, n:] == 0).all())
+    report.checks.append(CheckResult("prompt ids/mask/positive map", 0.0 if same_ids and same_map else 1.0, 0.0,
+                                     f"{n} tokens, {len(spans)} phrases"))
+
+    # Pre-processing: our pipeline on input.png must reproduce the network input.
+    image = processor.load_image(case_dir / "input.png")
+    original_hw = tuple(described.get("original_image_hw", (image.height, image.width)))
+    unpadded_hw = tuple(described.get("network_input_hw_unpadded", original_hw))
+    batch = processor.preprocess([image], resize=unpadded_hw != original_hw)
+    report.checks.append(CheckResult("preprocess input.image", relative_error(batch.pixel_values, ref["input.image"]),
+                                     1e-6, f"{tuple(ref['input.image'].shape[-2:])}"))
+
+    with torch.no_grad():
+        prompt_features = model.encode_prompt(tokens.input_ids, tokens.attention_mask)
+        pixels = ref["input.image"]  # isolate the model from any pre-processing difference
+        stages = model.swin(pixels)
+        visual = model.encode_images(pixels, [unpadded_hw])
+        outputs = model.fuse_and_predict(visual, prompt_features)
+
+    def group(name: str, pairs: list[tuple[Tensor, Tensor]], detail: str = "") -> None:
+        report.checks.append(CheckResult(name, max(relative_error(a, b) for a, b in pairs), TOLERANCES[name], detail))
+
+    group("bert", [(prompt_features.hidden, ref["lang.bert_hidden"][:, :n])])
+    group("backbone", [(s, ref[f"backbone.stage{i + 3}"]) for i, s in enumerate(stages)])
+    group("fpn", [(p, ref[f"fpn.p{i + 3}"]) for i, p in enumerate(visual.levels)])
+    dyhead = [(v, ref[f"dyhead.visual.l{i}"]) for i, v in enumerate(outputs.fused_visual)]
+    if "dyhead.lang_hidden" in ref:
+        dyhead.append((outputs.fused_text, ref["dyhead.lang_hidden"][:, :n]))
+    group("dyhead", dyhead)
+    head = []
+    for i, (logits, deltas, centerness) in enumerate(zip(outputs.split_levels(outputs.alignment_logits),
+                                                         outputs.split_levels(outputs.box_deltas),
+                                                         outputs.split_levels(outputs.centerness))):
+        head += [(logits, ref[f"head.dot_product_logits.l{i}"][..., :n]),
+                 (deltas, ref[f"head.bbox_reg.l{i}"].flatten(2).transpose(1, 2)),
+                 (centerness, ref[f"head.centerness.l{i}"].flatten(1))]
+    group("head", head)
+    anchors = outputs.split_levels(outputs.anchors, 0)
+    anchor_error = max(float((a - ref[f"anchors.l{i}"]).abs().max()) if a.shape == ref[f"anchors.l{i}"].shape
+                       else float("inf") for i, a in enumerate(anchors))
+    report.checks.append(CheckResult("anchors (exact)", anchor_error, 0.0))
+
+    postprocessor = Postprocessor(config.postprocess, model_box_coder(config))
+    levels = postprocessor.level_candidates(outputs, 0, tokens.positive_map)
+    count_diff = max(abs(len(c.scores) - ref[f"post.candidates.l{i}.scores"].shape[0]) for i, c in enumerate(levels))
+    report.checks.append(CheckResult("candidates per level (count)", count_diff, 3.0,
+                                     "|Δcount| ≤ a few near-threshold pairs"))
+    final = postprocessor.select(type(levels[0]).cat(levels))
+    boxes = rescale_boxes(final.boxes, unpadded_hw, original_hw)
+    robustness = described.get("robustness", {})
+    fragile = set(robustness.get("fragile_detection_indices", []))
+    max_extra = int(robustness.get("max_extra_detections", 0))
+    missed, extra, matched = match_detections(boxes, final.scores, final.labels + 1, ref["det.boxes"],
+                                              ref["det.scores"], ref["det.labels"], fragile, max_extra)
+    report.checks.append(CheckResult("detections: unmatched reference", missed, 0,
+                                     f"{matched}/{len(ref['det.boxes'])} matched, {len(fragile)} fragile"))
+    report.checks.append(CheckResult("detections: extra", extra, max_extra, f"{len(boxes)} detections"))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def model_box_coder(config):
+    from backbone.anchors import BoxCoder
+
+    return BoxCoder(config.head.box_coder_weights)
