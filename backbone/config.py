@@ -167,7 +167,7 @@ def glip_nano() -> GLIPConfig:
                         drop_path_rate=0.1),
         text=TextConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, pretrained="minilm"),
         fpn=FPNConfig(out_channels=96, num_levels=3),
-        fusion=FusionConfig(embed_dim=384, num_heads=4, text_layers=False),
+        fusion=FusionConfig(embed_dim=384, num_heads=4),
         dyhead=DyHeadConfig(num_layers=2, deformable=False, group_norm_groups=16),
         head=HeadConfig(anchor_base_size=4, legacy_class_columns=0),
         image=ImageConfig(min_size=256, max_size=256, size_divisibility=32),
