@@ -56,14 +56,22 @@ def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_model(model, path: str | Path, **metadata: str) -> None:
-    """Write the model's weights and config to one safetensors file, atomically."""
+def save_model(model, path: str | Path, *, exclude_prefix: str | None = None, dtype: str | None = None,
+               **metadata: str) -> None:
+    """Write the model's weights and config to one safetensors file, atomically.
+
+    `exclude_prefix` leaves out tensors that loading rebuilds elsewhere (e.g. "text." for a frozen
+    packaged BERT); `dtype="float16"` halves the file (loading casts back to the model's dtype).
+    """
     path = Path(path)
     if model.config is None:
         raise ValueError("model has no config to store; build it with GLIP.from_config")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (exclude_prefix and k.startswith(exclude_prefix))}
+    if dtype is not None:
+        state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()}
     header = {"format": "glip-adapt/model", "config": json.dumps(model.config.to_dict()),
-              **{k: str(v) for k, v in metadata.items()}}
+              "excluded_prefix": exclude_prefix or "", **{k: str(v) for k, v in metadata.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -97,8 +105,13 @@ def load_converted(path: str | Path, with_text: bool = True, skip_text_keys: boo
     config = GLIPConfig.from_dict(json.loads(metadata["config"]))
     model = GLIP.from_config(config, with_text=with_text)
     state = load_file(str(path))
+    expected = model.state_dict()
+    excluded = metadata.get("excluded_prefix") or None
     if not with_text:
         state = {k: v for k, v in state.items() if not k.startswith("text.")}
+    if excluded:  # those tensors come from their own source (the packaged text encoder), already loaded
+        state.update({k: v for k, v in expected.items() if k.startswith(excluded)})
+    state = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model
 

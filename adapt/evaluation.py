@@ -1,0 +1,78 @@
+"""Evaluation of a detector on a task split with pycocotools, under the prompt protocols we report.
+
+Protocols:
+  * "task": the task's prompt (its categories, with descriptions where the task has them), chunked
+    if longer than the token limit — zero-shot evaluation and tuned evaluation alike.
+  * "per-image-N": for held-in validation, each image gets its own prompt of N names (its present
+    categories plus random absent ones, seeded by image id), as in GLIP's detection pretraining.
+  * "all-chunked": every category of the task in one prompt, split into ≤256-token chunks (LVIS style).
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from backbone.detector import GLIPDetector
+from backbone.outputs import Detections
+from backbone.processor import CategoryPrompt
+from tasks.evaluate import detections_to_results, evaluate_detections
+
+
+def task_prompt(categories, use_descriptions: bool = True) -> list[CategoryPrompt]:
+    """The detector prompt of a task's categories (prefix/phrase/suffix as the task defines them)."""
+    return [CategoryPrompt(c.prompt_phrase, prefix=c.prefix if use_descriptions else "",
+                           suffix=c.suffix if use_descriptions else "") for c in categories]
+
+
+def per_image_names(dataset, image_id: int, num_names: int, seed: int = 0) -> list[int]:
+    """Labels for an image's own prompt: its present categories plus random absent ones (deterministic)."""
+    present = sorted({int(label) for label in dataset.target(image_id)["labels"]})
+    rng = random.Random(f"per-image-prompt|{seed}|{image_id}")
+    absent = [i for i in range(len(dataset.categories)) if i not in set(present)]
+    labels = present + rng.sample(absent, max(0, min(len(absent), num_names - len(present))))
+    rng.shuffle(labels)
+    return labels
+
+
+def run_detection(detector: GLIPDetector, dataset, labels_for_image: Callable[[int], Sequence[int]] | None,
+                  batch_size: int = 8, limit: int | None = None,
+                  detect_fn: Callable[[list, list], list[Detections]] | None = None) -> tuple[list[dict], float]:
+    """COCO results for `dataset` (a tasks CocoDetection); returns (results, seconds per image)."""
+    prompts = task_prompt(dataset.categories)
+    image_ids = dataset.image_ids[:limit] if limit else dataset.image_ids
+    results, started = [], time.perf_counter()
+    for start in range(0, len(image_ids), batch_size):
+        ids = image_ids[start:start + batch_size]
+        images = [dataset.load_image(i) for i in ids]
+        label_lists = [list(labels_for_image(i)) if labels_for_image else list(range(len(prompts))) for i in ids]
+        if detect_fn is not None:
+            detections = detect_fn(images, label_lists)
+        else:
+            detections = detector.detect(images, [[prompts[j] for j in labels] for labels in label_lists],
+                                         threshold=0.0)
+        for image_id, labels, dets in zip(ids, label_lists, detections):
+            task_labels = torch.tensor(labels, dtype=torch.long)[dets.labels] if len(dets) else dets.labels
+            results += detections_to_results(image_id, dets.boxes, dets.scores, task_labels, dataset.label_to_cat_id)
+    return results, (time.perf_counter() - started) / max(len(image_ids), 1)
+
+
+def evaluate(detector: GLIPDetector, dataset, protocol: str = "task", *, limit: int | None = None,
+             seed: int = 0, batch_size: int = 8, detect_fn=None) -> dict:
+    """Detect on every image of `dataset` under `protocol` and score with COCOeval (metrics in percent)."""
+    if protocol == "task" or protocol == "all-chunked":
+        chooser = None
+    elif protocol.startswith("per-image-"):
+        num_names = int(protocol.rsplit("-", 1)[1])
+
+        def chooser(image_id: int) -> list[int]:
+            return per_image_names(dataset, image_id, num_names, seed)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; use 'task', 'all-chunked' or 'per-image-N'")
+    results, per_image = run_detection(detector, dataset, chooser, batch_size, limit, detect_fn)
+    image_ids = dataset.image_ids[:limit] if limit else dataset.image_ids
+    metrics = evaluate_detections(dataset.coco, results, image_ids=image_ids)
+    metrics.update(protocol=protocol, seconds_per_image=per_image)
+    return metrics
