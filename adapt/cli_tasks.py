@@ -68,6 +68,7 @@ def show_command(name: str = typer.Argument(..., help="Task name or task file (.
                  split: Optional[str] = typer.Option(None, help="Split to render (default: train, else the first)."),
                  cell: int = typer.Option(256, help="Tile size of the contact sheet in pixels."),
                  columns: Optional[int] = typer.Option(None, help="Tiles per row of the contact sheet."),
+                 colors: Optional[int] = typer.Option(None, help="Quantize the sheet to this many colours."),
                  root: Optional[Path] = typer.Option(None, help=ROOT_HELP)) -> None:
     """Show a task's categories, prompt, splits and data location; optionally render samples."""
     from tasks import DataError, DataNotFoundError
@@ -89,7 +90,8 @@ def show_command(name: str = typer.Argument(..., help="Task name or task file (.
     try:
         split_name = split or ("train" if "train" in task.splits else next(iter(task.splits)))
         dataset = task.split(split_name)
-        path = render_samples(dataset, render, out or Path(f"{task.name}.png"), columns=columns, cell=cell)
+        path = render_samples(dataset, render, out or Path(f"{task.name}.png"), columns=columns, cell=cell,
+                              colors=colors)
     except (DataNotFoundError, DataError, KeyError) as e:
         _fail(str(e).strip("'\""))
     typer.echo(f"wrote {path} ({min(render, len(dataset))} samples of {split_name}; {dataset.report.summary()})")
