@@ -109,6 +109,177 @@ def _data_root() -> Optional[Path]:
     return Path(os.environ["ADAPT_DATA"]) if os.environ.get("ADAPT_DATA") else None
 
 
+def _tune_command(strategy: str):
+    def command(
+        task: Annotated[str, typer.Option(help="task name (see `adapt tasks list`) or task file")],
+        shots: Annotated[Optional[int], typer.Option(help="images per category (default: all training data)")] = None,
+        seed: Annotated[int, typer.Option(help="few-shot subset and training seed")] = 0,
+        base: Annotated[str, typer.Option(help="base checkpoint: glip-nano, glip-nano-a, an official .pth, ...")] = "glip-nano",
+        steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default by shots: 100..400)")] = None,
+        epochs: Annotated[Optional[float], typer.Option(help="passes over the training images (overrides --steps)")] = None,
+        lr: Annotated[Optional[float], typer.Option(help="learning rate (default per strategy)")] = None,
+        batch_size: Annotated[int, typer.Option(help="images per step")] = 4,
+        out: Annotated[Optional[Path], typer.Option(help="adapter file to write (.safetensors)")] = None,
+        report: Annotated[Optional[Path], typer.Option(help="write metrics, timings and paths here (JSON)")] = None,
+        cache: Annotated[bool, typer.Option(help="cache frozen backbone+FPN features across epochs")] = True,
+        augment: Annotated[bool, typer.Option(help="also train on horizontally flipped views")] = False,
+        eval_limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N images only")] = None,
+        threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+    ) -> None:
+        from adapt.adapter import AdapterError
+        from adapt.tune import TuneConfig, tune, write_report
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        out_path = out or Path("adapters") / f"{Path(task).stem}-{strategy}.safetensors"
+        try:
+            result = tune(TuneConfig(strategy=strategy, task=task, base=base, shots=shots, seed=seed, steps=steps,
+                                     epochs=epochs, lr=lr, batch_size=batch_size, out=out_path, cache_features=cache,
+                                     augment=augment, eval_limit=eval_limit, data_root=_data_root()))
+        except (ValueError, KeyError, FileNotFoundError, PermissionError, AdapterError) as error:
+            fail(str(error).strip('"'))
+        _print_tune(result)
+        if report:
+            write_report(result, report)
+
+    command.__doc__ = {
+        "prompt-tune": "Prompt tuning: learn an offset to the prompt features P0 (everything else frozen).",
+        "linear-probe": "Linear probing: train the head's box, centerness and alignment projections.",
+        "lora": "LoRA (peft) on the fusion attention and head projections.",
+        "finetune": "Full fine-tuning (all but the lowest backbone stage); the adapter is a full weight set.",
+    }[strategy]
+    return command
+
+
+for _strategy in ("prompt-tune", "linear-probe", "lora", "finetune"):
+    app.command(_strategy)(_tune_command(_strategy))
+
+
+def _print_tune(result: dict) -> None:
+    zero, tuned = result.get("zero_shot"), result["tuned"]
+    typer.echo(f"task {result['task']} · {result['strategy']} · {result['few_shot']}")
+    if zero:
+        typer.echo(f"  zero-shot  AP {zero['AP']:.1f}  AP50 {zero['AP50']:.1f}")
+    typer.echo(f"  tuned      AP {tuned['AP']:.1f}  AP50 {tuned['AP50']:.1f}")
+    typer.echo(f"  trainable parameters {result['trainable_parameters']:,}; "
+               f"{result['timings']['steps']} steps in {result['timings']['train_s']:.0f} s")
+    if "adapter" in result:
+        typer.echo(f"  adapter {result['adapter']['path']} ({result['adapter']['bytes']:,} bytes)")
+
+
+@app.command("eval")
+def evaluate_command(
+    task: Annotated[str, typer.Option(help="task name or task file")],
+    adapter: Annotated[Optional[Path], typer.Option(help="adapter file (default: zero-shot base)")] = None,
+    base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's, else glip-nano)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="split (default: the task's evaluation split)")] = None,
+    protocol: Annotated[str, typer.Option(help="'task', 'all-chunked' or 'per-image-N' (held-in)")] = "task",
+    limit: Annotated[Optional[int], typer.Option(help="first N images only")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="write metrics here (JSON)")] = None,
+    results_json: Annotated[Optional[Path], typer.Option("--results", help="COCO results json")] = None,
+) -> None:
+    """COCO AP of a base (zero-shot, the task's prompt) or of an adapter on a task split."""
+    import json
+
+    from adapt.adapter import AdapterError
+    from adapt.evaluation import evaluate
+    from tasks import get_task
+
+    try:
+        task_obj = get_task(task, data_root=_data_root())
+        dataset = task_obj.split(split or task_obj.eval_split)
+        if adapter is not None:
+            from adapt.predict import AdapterDetector
+
+            detector = AdapterDetector.load(adapter, base)
+            if detector.categories != task_obj.category_names:
+                fail(f"adapter {adapter} is for categories {detector.categories}, not task {task_obj.name!r}'s")
+            metrics = evaluate(None, dataset, protocol, limit=limit, detect_fn=detector.detect_fn())
+        else:
+            from backbone.detector import GLIPDetector
+
+            metrics = evaluate(GLIPDetector.from_pretrained(base or "glip-nano"), dataset, protocol, limit=limit)
+    except (ValueError, KeyError, FileNotFoundError, AdapterError) as error:
+        fail(str(error).strip('"'))
+    typer.echo(f"{task_obj.name} [{dataset.ann_file.parent.name}] protocol {protocol}: "
+               f"AP {metrics['AP']:.1f}  AP50 {metrics['AP50']:.1f}  AP75 {metrics['AP75']:.1f}")
+    for name, value in (metrics.get("per_category") or {}).items():
+        typer.echo(f"  {name:<28} AP {value if value is None else round(value, 1)}")
+    if report:
+        report.write_text(json.dumps({"task": task_obj.name, "adapter": str(adapter) if adapter else None,
+                                      "base": base, "metrics": metrics}, indent=1, default=str))
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    adapter: Annotated[Path, typer.Option(help="adapter file")],
+    base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
+    threshold: Annotated[float, typer.Option(help="score threshold")] = 0.3,
+    save_vis: Annotated[Optional[Path], typer.Option(help="write PNGs with boxes into this folder")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="COCO results json")] = None,
+) -> None:
+    """Detect a task's categories with its adapter (the language backbone is not run)."""
+    import json
+
+    from adapt.adapter import AdapterError
+    from adapt.predict import AdapterDetector
+
+    try:
+        detector = AdapterDetector.load(adapter, base)
+        loaded = [detector.processor.load_image(p) for p in images]
+    except (ValueError, FileNotFoundError, AdapterError) as error:
+        fail(str(error))
+    records = []
+    for index, (path, image) in enumerate(zip(images, loaded)):
+        [dets] = detector.detect(image, threshold)
+        typer.echo(f"{path}: {len(dets)} detections")
+        for box, score, name in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.names):
+            typer.echo(f"  {name:<20} {score:.3f}  [{', '.join(f'{v:.1f}' for v in box)}]")
+        records += [dict(r, file_name=str(path)) for r in dets.to_coco(index)]
+        if save_vis:
+            from tasks.visualize import draw_predictions
+
+            save_vis.mkdir(parents=True, exist_ok=True)
+            draw_predictions(image, dets.boxes, dets.scores, dets.labels, dets.categories,
+                             score_threshold=threshold).save(save_vis / f"{path.stem}.png")
+    if json_out:
+        json_out.write_text(json.dumps(records, indent=1))
+
+
+adapters_app = typer.Typer(help="Inspect and merge adapter files.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+
+@adapters_app.command("inspect")
+def adapters_inspect(path: Annotated[Path, typer.Argument(help="adapter file")]) -> None:
+    """Print everything an adapter holds: strategy, task, prompt, base fingerprint, settings, results, tensors."""
+    from adapt.adapter import AdapterError, describe
+
+    try:
+        typer.echo(describe(path))
+    except AdapterError as error:
+        fail(str(error))
+
+
+@adapters_app.command("merge")
+def adapters_merge(
+    path: Annotated[Path, typer.Argument(help="adapter file")],
+    out: Annotated[Path, typer.Option(help="standalone model file (.safetensors)")],
+    base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
+) -> None:
+    """Write a standalone model with the adapter folded in (for deploying one task)."""
+    from adapt.adapter import AdapterError, merge_adapter
+
+    try:
+        merge_adapter(path, out, base)
+    except AdapterError as error:
+        fail(str(error))
+    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
 def _register_subapps() -> None:
     from adapt.cli_tasks import tasks_app
 

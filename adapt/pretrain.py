@@ -102,7 +102,9 @@ def pretrain(config: PretrainConfig) -> dict:
                "skipped_nonfinite": result.skipped_nonfinite}
     if config.weights_out:
         glip = model.glip
-        save_model(glip, config.weights_out, exclude_prefix="text.", dtype="float16",
+        # A frozen packaged text encoder is rebuilt from its package at load: store only what was trained.
+        packaged_text = glip.config.text.pretrained is not None
+        save_model(glip, config.weights_out, exclude_prefix="text." if packaged_text else None, dtype="float16",
                    pretrain=json.dumps(summary))
     (config.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -104,7 +104,8 @@ def load_converted(path: str | Path, with_text: bool = True, skip_text_keys: boo
                          f"convert it first with `adapt convert {path} OUT.safetensors`")
     config = GLIPConfig.from_dict(json.loads(metadata["config"]))
     model = GLIP.from_config(config, with_text=with_text)
-    state = load_file(str(path))
+    # "adapter.*" tensors ride along in merged single-task models (adapt adapters merge); not model weights.
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("adapter.")}
     expected = model.state_dict()
     excluded = metadata.get("excluded_prefix") or None
     if not with_text:

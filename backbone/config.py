@@ -66,6 +66,8 @@ class FusionConfig:
 class DyHeadConfig:
     num_layers: int = 6
     deformable: bool = field(default=True, metadata={"help": "modulated deformable 3x3 convs (else plain conv)"})
+    deform_impl: str = field(default="torchvision", metadata={
+        "help": "'torchvision' (ops.deform_conv2d) or 'im2col' (grid_sample + matmul; see benchmarks/deform_conv.py)"})
     group_norm_groups: int = 16
 
 

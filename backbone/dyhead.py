@@ -20,8 +20,37 @@ def h_sigmoid(x: Tensor) -> Tensor:
     return F.relu6(x + 3.0) / 6.0
 
 
+def deform_conv_im2col(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
+                       stride: int) -> Tensor:
+    """The same 3x3 modulated deformable conv (padding 1) as bilinear sampling + one matmul.
+
+    grid_sample's zero padding reproduces the deformable kernel's treatment of samples outside the map
+    (a corner outside contributes 0). On CPU this avoids torchvision's per-pixel column kernel.
+    """
+    batch, channels, height, width = x.shape
+    out_h, out_w = offset.shape[-2:]
+    taps = torch.arange(3, dtype=x.dtype, device=x.device) - 1
+    tap_y, tap_x = torch.meshgrid(taps, taps, indexing="ij")  # kernel positions, row-major like the weight
+    rows = (torch.arange(out_h, dtype=x.dtype, device=x.device) * stride)[None, :, None] + tap_y.reshape(9, 1, 1)
+    cols = (torch.arange(out_w, dtype=x.dtype, device=x.device) * stride)[None, None, :] + tap_x.reshape(9, 1, 1)
+    offset = offset.view(batch, 9, 2, out_h, out_w)  # (dy, dx) per tap, as in the CUDA kernel
+    sample_y = rows + offset[:, :, 0]  # (B, 9, out_h, out_w) pixel coordinates
+    sample_x = cols + offset[:, :, 1]
+    grid = torch.stack([(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1)
+    columns = F.grid_sample(x, grid.view(batch, 9 * out_h, out_w, 2), mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # (B, C, 9*out_h, out_w)
+    columns = columns.view(batch, channels, 9, out_h * out_w) * mask.reshape(batch, 1, 9, out_h * out_w)
+    out = weight.reshape(weight.shape[0], channels * 9) @ columns.view(batch, channels * 9, out_h * out_w)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1)
+    return out.view(batch, -1, out_h, out_w)
+
+
+DEFORM_IMPLEMENTATIONS = ("torchvision", "im2col")
+
+
 def modulated_deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
-                          stride: int) -> Tensor:
+                          stride: int, impl: str = "torchvision") -> Tensor:
     """3x3 modulated deformable conv with the official CUDA kernel's handling of mismatched offsets.
 
     The official DyConv hands the offsets computed on level l to the conv applied on the coarser level
@@ -35,22 +64,27 @@ def modulated_deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tenso
     if offset.shape[-2:] != (out_h, out_w):
         offset = offset.reshape(batch, -1)[:, : 18 * out_h * out_w].reshape(batch, 18, out_h, out_w)
         mask = mask.reshape(batch, -1)[:, : 9 * out_h * out_w].reshape(batch, 9, out_h, out_w)
+    if impl == "im2col":
+        return deform_conv_im2col(x, offset, mask, weight, bias, stride)
     return torchvision.ops.deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
 
 
 class Conv3x3Norm(nn.Module):
     """(Deformable) 3x3 conv followed by GroupNorm."""
 
-    def __init__(self, channels: int, stride: int, deformable: bool, groups: int):
+    def __init__(self, channels: int, stride: int, deformable: bool, groups: int, deform_impl: str = "torchvision"):
         super().__init__()
+        if deform_impl not in DEFORM_IMPLEMENTATIONS:
+            raise ValueError(f"deform_impl {deform_impl!r}: choose one of {DEFORM_IMPLEMENTATIONS}")
         self.conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
         self.bn = nn.GroupNorm(groups, channels)
         self.stride = stride
         self.deformable = deformable
+        self.deform_impl = deform_impl
 
     def forward(self, x: Tensor, offset: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         if self.deformable:
-            x = modulated_deform_conv(x, offset, mask, self.conv.weight, self.conv.bias, self.stride)
+            x = modulated_deform_conv(x, offset, mask, self.conv.weight, self.conv.bias, self.stride, self.deform_impl)
         else:
             x = self.conv(x)
         return self.bn(x)
@@ -77,12 +111,11 @@ class DyReLU(nn.Module):
 class DyConv(nn.Module):
     """Scale-aware, spatial-aware and task-aware attention over all pyramid levels at once."""
 
-    def __init__(self, channels: int, deformable: bool = True, groups: int = 16):
+    def __init__(self, channels: int, deformable: bool = True, groups: int = 16, deform_impl: str = "torchvision"):
         super().__init__()
         # DyConv[0]: from the coarser level (upsampled), [1]: same level, [2]: from the finer level (stride 2).
-        self.DyConv = nn.ModuleList([Conv3x3Norm(channels, 1, deformable, groups),
-                                     Conv3x3Norm(channels, 1, deformable, groups),
-                                     Conv3x3Norm(channels, 2, deformable, groups)])
+        self.DyConv = nn.ModuleList([Conv3x3Norm(channels, stride, deformable, groups, deform_impl)
+                                     for stride in (1, 1, 2)])
         self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, 1), nn.ReLU(inplace=True))
         self.relu = DyReLU(channels)
         self.offset = nn.Conv2d(channels, 27, 3, padding=1) if deformable else None
@@ -117,12 +150,12 @@ def _text_layer(hidden_size: int, num_heads: int, intermediate_size: int) -> Ber
 class DyHeadLayer(nn.Module):
     """One tower layer: optional fusion + BERT layer on the text stream, then DyConv on the image stream."""
 
-    def __init__(self, *, channels: int, text_dim: int, deformable: bool, groups: int,
-                 fusion: FusionBlock | None = None, text_layer: BertLayer | None = None):
+    def __init__(self, *, channels: int, deformable: bool, groups: int, fusion: FusionBlock | None = None,
+                 text_layer: BertLayer | None = None, deform_impl: str = "torchvision"):
         super().__init__()
         self.fusion = fusion
         self.text_layer = text_layer
-        self.dyconv = DyConv(channels, deformable, groups)
+        self.dyconv = DyConv(channels, deformable, groups, deform_impl)
 
     def forward(self, levels: list[Tensor], text: Tensor, text_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
         if self.fusion is not None:
@@ -145,15 +178,16 @@ class DyHeadTower(nn.Module):
     @classmethod
     def build(cls, *, num_layers: int, channels: int, text_dim: int, deformable: bool, groups: int,
               fusion: bool, fusion_embed_dim: int, fusion_heads: int, fusion_dropout: float,
-              text_layers: bool, text_heads: int, text_intermediate: int) -> "DyHeadTower":
+              text_layers: bool, text_heads: int, text_intermediate: int,
+              deform_impl: str = "torchvision") -> "DyHeadTower":
         layers = []
         for _ in range(num_layers):
             block = FusionBlock(visual_dim=channels, text_dim=text_dim, embed_dim=fusion_embed_dim,
                                 num_heads=fusion_heads, dropout=fusion_dropout,
                                 init_gamma=1.0 / num_layers) if fusion else None
             text_layer = _text_layer(text_dim, text_heads, text_intermediate) if fusion and text_layers else None
-            layers.append(DyHeadLayer(channels=channels, text_dim=text_dim, deformable=deformable, groups=groups,
-                                      fusion=block, text_layer=text_layer))
+            layers.append(DyHeadLayer(channels=channels, deformable=deformable, groups=groups, fusion=block,
+                                      text_layer=text_layer, deform_impl=deform_impl))
         return cls(layers)
 
     def forward(self, levels: list[Tensor], text: Tensor, text_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:

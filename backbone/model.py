@@ -48,7 +48,7 @@ class GLIP(nn.Module):
             fusion=config.fusion.enabled, fusion_embed_dim=config.fusion.embed_dim,
             fusion_heads=config.fusion.num_heads, fusion_dropout=config.fusion.dropout,
             text_layers=config.fusion.text_layers, text_heads=config.text.num_heads,
-            text_intermediate=config.text.intermediate_size)
+            text_intermediate=config.text.intermediate_size, deform_impl=config.dyhead.deform_impl)
         head = VLHead(channels=config.fpn.out_channels, text_dim=config.text.hidden_size,
                       num_levels=config.fpn.num_levels, prior_prob=config.head.prior_prob)
         return cls(swin=swin, fpn=fpn, text=text, dyhead=dyhead, head=head, strides=config.strides,

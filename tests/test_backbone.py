@@ -255,3 +255,16 @@ def test_key_table_maps_every_stage():
     assert map_key("rpn.head.cls_logits.weight", True)[0] is None
     with pytest.raises(KeyError):
         map_key("roi_heads.box.weight", True)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_im2col_deformable_conv_matches_torchvision(stride):
+    torch.manual_seed(stride)
+    x = torch.randn(2, 6, 9, 13)
+    out_h, out_w = (9 + 2 - 3) // stride + 1, (13 + 2 - 3) // stride + 1
+    offset = torch.randn(2, 18, out_h, out_w) * 3  # large offsets: many samples fall outside the map
+    mask = torch.rand(2, 9, out_h, out_w)
+    weight, bias = torch.randn(5, 6, 3, 3), torch.randn(5)
+    expected = modulated_deform_conv(x, offset, mask, weight, bias, stride, impl="torchvision")
+    ours = modulated_deform_conv(x, offset, mask, weight, bias, stride, impl="im2col")
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,179 @@
+"""Adaptation strategies: thin layers over the GLIP core's hooks, each naming exactly what it trains.
+
+Semantics follow the official code (microsoft/GLIP `tools/finetune.py`, `tuning_highlevel_override`;
+shared/reference/FINDINGS.md §9):
+  prompt-tune   "language_prompt_v2": a zero-initialised offset ΔP0 added to P0 (both `hidden` and
+                `embedded`) is the only trainable tensor; everything else frozen and in eval mode.
+  linear-probe  the official 9 head tensors; backbone, FPN and BERT frozen and in eval mode (the DyHead
+                stays in train mode as upstream, so fusion dropout is active while training).
+  lora          beyond the paper: LoRA (peft) on the fusion attention projections and the head's linear layer.
+  finetune      everything but the patch embedding and Swin stage 1 (with its patch merging); BERT at lr/10.
+Every strategy runs on a fixed task prompt, so with a frozen BERT P0 is computed once.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from backbone.model import GLIP
+from backbone.outputs import HeadOutputs, PromptFeatures, VisualFeatures
+from backbone.processor import TokenizedPrompt
+
+LINEAR_PROBE_PARAMETERS = (
+    "head.bbox_pred.weight", "head.bbox_pred.bias", "head.centerness.weight", "head.centerness.bias",
+    "head.dot_product_projection_text.weight", "head.dot_product_projection_text.bias",
+    "head.log_scale", "head.bias_lang", "head.bias0",
+)
+# Official FREEZE_CONV_BODY_AT 2: patch embedding and stage 1, including the patch merging that ends it
+# (timm places that merging at the start of stage 2).
+FINETUNE_FROZEN_PREFIXES = ("swin.body.patch_embed.", "swin.body.layers.0.", "swin.body.layers.1.downsample.")
+LORA_DEFAULT_TARGETS = r".*(fusion\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)" \
+                       r"|head\.dot_product_projection_text)"
+
+
+@dataclass
+class AdaptBatch:
+    """Training/eval input: pixels (backbone runs) or cached visual features (backbone skipped)."""
+
+    image_sizes: list[tuple[int, int]]
+    targets: list
+    pixel_values: Tensor | None = None
+    visual_levels: list[Tensor] | None = None
+
+    def visual(self, glip: GLIP) -> VisualFeatures:
+        if self.visual_levels is not None:
+            return VisualFeatures(self.visual_levels, self.image_sizes)
+        return glip.encode_images(self.pixel_values, self.image_sizes)
+
+
+class AdaptedGLIP(nn.Module):
+    """A GLIP with one strategy attached, on one task prompt. `forward(batch) -> HeadOutputs`."""
+
+    name = ""
+    frozen_visual = True  # backbone + FPN frozen: their features may be cached
+
+    def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
+        super().__init__()
+        self.glip = glip
+        self.task_prompt = prompt
+        self.register_buffer("input_ids", prompt.input_ids.clone(), persistent=False)
+        self.register_buffer("attention_mask", prompt.attention_mask.clone(), persistent=False)
+        glip.requires_grad_(False)
+        self._p0: PromptFeatures | None = None
+
+    def base_prompt(self) -> PromptFeatures:
+        """P0 of the task prompt from the frozen language backbone, computed once."""
+        if self._p0 is None:
+            with torch.no_grad():
+                self._p0 = self.glip.encode_prompt(self.input_ids, self.attention_mask).detach()
+        return self._p0
+
+    def prompt_features(self) -> PromptFeatures:
+        return self.base_prompt()
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "AdaptedGLIP":
+        super().train(mode)
+        self.glip.eval()  # frozen parts never train (no dropout, no drop-path)
+        return self
+
+    def forward(self, batch: AdaptBatch) -> HeadOutputs:
+        visual = batch.visual(self.glip)
+        return self.glip.fuse_and_predict(visual, self.prompt_features().expand(visual.batch_size))
+
+    def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """{"weights": {...}, "lora": {...}} to store beside the final prompt."""
+        return {"weights": {}, "lora": {}}
+
+
+class PromptTuning(AdaptedGLIP):
+    name = "prompt-tune"
+
+    def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
+        super().__init__(glip, prompt)
+        # Official `tunable_linear` (1000 x 768 table, first T rows used); fusion runs over real tokens
+        # only here, so the offset covers exactly the prompt's T tokens.
+        self.delta_p0 = nn.Parameter(torch.zeros(prompt.num_tokens, glip.config.text.hidden_size))
+
+    def prompt_features(self) -> PromptFeatures:
+        p0 = self.base_prompt()
+        return PromptFeatures(p0.hidden + self.delta_p0, p0.embedded + self.delta_p0, p0.mask)
+
+
+class LinearProbe(AdaptedGLIP):
+    name = "linear-probe"
+
+    def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
+        super().__init__(glip, prompt)
+        parameters = dict(glip.named_parameters())
+        for name in LINEAR_PROBE_PARAMETERS:
+            parameters[name].requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.glip.dyhead.train(mode)  # upstream keeps the DyHead (fusion dropout) in train mode
+        return self
+
+    def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
+        state = self.glip.state_dict()
+        return {"weights": {k: state[k] for k in LINEAR_PROBE_PARAMETERS}, "lora": {}}
+
+
+class FullFinetune(AdaptedGLIP):
+    name = "finetune"
+    frozen_visual = False
+
+    def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
+        super().__init__(glip, prompt)
+        for name, parameter in glip.named_parameters():
+            parameter.requires_grad_(not name.startswith(FINETUNE_FROZEN_PREFIXES))
+
+    def prompt_features(self) -> PromptFeatures:  # BERT trains too: recompute every step
+        return self.glip.encode_prompt(self.input_ids, self.attention_mask)
+
+    def train(self, mode: bool = True) -> "FullFinetune":
+        nn.Module.train(self, mode)
+        self.glip.swin.body.patch_embed.eval()
+        self.glip.swin.body.layers[0].eval()
+        return self
+
+    def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {"weights": dict(self.glip.state_dict()), "lora": {}}
+
+
+class LoRA(AdaptedGLIP):
+    name = "lora"
+
+    def __init__(self, glip: GLIP, prompt: TokenizedPrompt, *, r: int = 8, alpha: float = 16.0,
+                 target_modules: str = LORA_DEFAULT_TARGETS, dropout: float = 0.0):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        super().__init__(glip, prompt)
+        targets = [n for n, m in glip.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target_modules, n)]
+        if not targets:
+            linear = [n for n, m in glip.named_modules() if isinstance(m, nn.Linear)][:8]
+            raise ValueError(f"LoRA target modules {target_modules!r} match no linear layer of this GLIP; "
+                             f"linear layers look like: {', '.join(linear)}")
+        self.lora_config = {"r": r, "alpha": alpha, "target_modules": targets, "dropout": dropout}
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets),
+                                glip)
+        for name, parameter in glip.named_parameters():
+            parameter.requires_grad_(".lora_" in name)
+
+    def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
+        lora = {}
+        for name, tensor in self.glip.state_dict().items():
+            match = re.fullmatch(r"(.*)\.lora_([AB])\.default\.weight", name)
+            if match:
+                lora[f"{match[1].replace('.base_layer', '')}.lora_{match[2]}.weight"] = tensor
+        return {"weights": {}, "lora": lora}
+
+
+STRATEGIES: dict[str, type[AdaptedGLIP]] = {
+    "prompt-tune": PromptTuning, "linear-probe": LinearProbe, "lora": LoRA, "finetune": FullFinetune,
+}

@@ -1,0 +1,275 @@
+"""One adaptation run: zero-shot AP, training with a strategy, tuned AP, the adapter file and a report.
+
+    result = tune(TuneConfig(strategy="prompt-tune", task="icons-aquarium", shots=10, seed=0))
+
+The same function backs `adapt prompt-tune|linear-probe|lora|finetune` and the benchmark scripts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from adapt.adapter import Adapter, base_fingerprint, save_adapter
+from adapt.cache import FeatureCache, stack_levels
+from adapt.evaluation import evaluate, task_prompt
+from adapt.strategies import STRATEGIES, AdaptBatch, AdaptedGLIP, LoRA
+from adapt.train import TrainConfig, Trainer, load_trainable
+from backbone.detector import GLIPDetector
+from backbone.loss import GroundingLoss, GroundingTarget
+from backbone.model import GLIP
+from backbone.outputs import Detections
+from backbone.postprocess import Postprocessor
+from backbone.processor import GLIPProcessor, TokenizedPrompt, rescale_boxes
+
+# CPU-budget defaults (a few hundred steps); the paper's schedules run up to 200 epochs on GPUs.
+DEFAULT_LR = {"prompt-tune": 0.05, "linear-probe": 1e-3, "lora": 1e-3, "finetune": 1e-4}
+DEFAULT_WEIGHT_DECAY = {"prompt-tune": 0.25, "linear-probe": 0.05, "lora": 0.05, "finetune": 0.05}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    strategy: str = field(metadata={"help": "prompt-tune, linear-probe, lora or finetune"})
+    task: str = field(metadata={"help": "task name or task file"})
+    base: str = field(default="glip-nano", metadata={"help": "checkpoint name or path"})
+    shots: int | None = field(default=None, metadata={"help": "images per category (None: all training data)"})
+    seed: int = 0
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: by shots)"})
+    epochs: float | None = field(default=None, metadata={"help": "passes over the training images (overrides steps)"})
+    batch_size: int = 4
+    lr: float | None = None
+    weight_decay: float | None = None
+    cache_features: bool = field(default=True, metadata={"help": "cache frozen backbone+FPN features"})
+    augment: bool = field(default=False, metadata={"help": "cache/train a horizontally flipped view too"})
+    eval_every: int | None = field(default=None, metadata={"help": "valid-split evaluation every N steps"})
+    zero_shot: bool = field(default=True, metadata={"help": "evaluate the base before training"})
+    out: Path | None = field(default=None, metadata={"help": "adapter file to write"})
+    run_dir: Path | None = field(default=None, metadata={"help": "checkpoints and logs (default: a temp folder)"})
+    data_root: Path | None = None
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N images only"})
+    progress: bool = True
+
+
+def default_steps(shots: int | None) -> int:
+    return {1: 100, 3: 150, 5: 200, 10: 250}.get(shots, 400)
+
+
+def task_tokens(processor: GLIPProcessor, categories) -> TokenizedPrompt:
+    """The task prompt as one chunk; adaptation trains one prompt, so it must fit the token limit."""
+    prompts = processor.tokenize(task_prompt(categories))
+    if len(prompts) > 1:
+        raise ValueError(f"the task prompt needs {sum(p.num_tokens for p in prompts)} tokens in {len(prompts)} "
+                         f"chunks, over the {processor.max_query_len}-token limit of one prompt; shorten the "
+                         "category descriptions or split the task")
+    return prompts[0]
+
+
+class AdaptDataset:
+    """Training samples of a (few-shot) split; index i is image i % n in augmentation view (i // n) % views."""
+
+    def __init__(self, split, image_ids, views: tuple[str, ...] = ("identity",)):
+        if not image_ids:
+            raise ValueError("no training images: the split (or few-shot subset) is empty")
+        self.split, self.image_ids, self.views = split, list(image_ids), views
+
+    def __len__(self) -> int:
+        return len(self.image_ids) * len(self.views)
+
+    def __getitem__(self, index: int):
+        image_id = self.image_ids[index % len(self.image_ids)]
+        view = self.views[(index // len(self.image_ids)) % len(self.views)]
+        image, target = self.split.load_image(image_id), self.split.target(image_id)
+        boxes = target["boxes"].clone()
+        if view == "hflip":
+            image = image.transpose(0)  # PIL FLIP_LEFT_RIGHT
+            boxes[:, [0, 2]] = image.width - boxes[:, [2, 0]]
+        return {"image": image, "boxes": boxes, "labels": target["labels"], "key": (image_id, view)}
+
+
+class AdaptCollator:
+    def __init__(self, processor: GLIPProcessor, positive_map: Tensor, glip: GLIP, frozen_visual: bool,
+                 cache: FeatureCache | None):
+        self.processor, self.positive_map, self.glip = processor, positive_map, glip
+        self.frozen_visual, self.cache = frozen_visual, cache
+
+    def _levels(self, pixels: Tensor, size: tuple[int, int]) -> list[Tensor]:
+        return self.glip.encode_images(pixels, [size]).levels
+
+    def __call__(self, samples: list[dict]) -> AdaptBatch:
+        batch = self.processor.preprocess([s["image"] for s in samples])
+        targets = []
+        for sample, size, original in zip(samples, batch.image_sizes, batch.original_sizes):
+            scale = torch.tensor([size[1] / original[1], size[0] / original[0]] * 2)
+            targets.append(GroundingTarget(boxes=sample["boxes"] * scale, positive_map=self.positive_map[sample["labels"]]))
+        if not self.frozen_visual:
+            return AdaptBatch(batch.image_sizes, targets, pixel_values=batch.pixel_values)
+        levels = []
+        for i, (sample, size) in enumerate(zip(samples, batch.image_sizes)):
+            pixels = _own_padding(batch.pixel_values[i:i + 1], size)
+            if self.cache is not None:
+                levels.append(self.cache.get(sample["key"], pixels, size))
+            else:
+                with torch.no_grad():
+                    levels.append(self._levels(pixels, size))
+        return AdaptBatch(batch.image_sizes, targets, visual_levels=stack_levels(levels))
+
+
+def _own_padding(pixels: Tensor, size: tuple[int, int]) -> Tensor:
+    """An image cropped to its own 32-multiple canvas: its features must not depend on its batch-mates."""
+    height, width = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
+    return pixels[..., :height, :width]
+
+
+def adapted_detect_fn(model: AdaptedGLIP, processor: GLIPProcessor, postprocessor: Postprocessor, categories):
+    """detect_fn for `adapt.evaluation.evaluate` that runs the adapted model on the task prompt."""
+
+    @torch.no_grad()
+    def detect(images, label_lists):
+        batch = processor.preprocess(images)
+        outputs = model(AdaptBatch(batch.image_sizes, [], pixel_values=batch.pixel_values))
+        finals = postprocessor(outputs, model.task_prompt.positive_map)
+        return [Detections(rescale_boxes(f.boxes, batch.image_sizes[i], batch.original_sizes[i]), f.scores, f.labels,
+                           list(categories)) for i, f in enumerate(finals)]
+
+    return detect
+
+
+def build_strategy(name: str, glip: GLIP, prompt: TokenizedPrompt, config: TuneConfig) -> AdaptedGLIP:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    if name == "lora":
+        return LoRA(glip, prompt, r=config.lora_r, alpha=config.lora_alpha)
+    return STRATEGIES[name](glip, prompt)
+
+
+def tune(config: TuneConfig) -> dict:
+    """Run one adaptation; returns the report (also written beside the adapter)."""
+    from tasks import get_task
+    from tasks.fewshot import sample_few_shot
+
+    started = time.perf_counter()
+    if config.out is not None:
+        _check_writable(Path(config.out).parent)
+    task = get_task(config.task, data_root=config.data_root)
+    train_split = task.split("train")
+    subset = sample_few_shot(train_split, config.shots, config.seed) if config.shots else None
+    image_ids = list(subset.image_ids) if subset else list(train_split.image_ids)
+    if not image_ids:
+        raise ValueError(f"task {task.name!r} has no training images")
+    test_split = task.split(task.eval_split)
+    valid_split = task.split("valid") if "valid" in task.splits else None
+
+    glip = GLIP.from_pretrained(config.base)
+    fingerprint = base_fingerprint(glip)
+    processor = GLIPProcessor.from_config(glip.config)
+    postprocessor = Postprocessor(glip.config.postprocess)
+    prompt = task_tokens(processor, task.categories)
+    report = {"strategy": config.strategy, "task": task.name, "base": config.base, "shots": config.shots,
+              "seed": config.seed, "few_shot": subset.describe() if subset else "all training images",
+              "train_images": len(image_ids), "prompt": prompt.caption}
+    if config.zero_shot:
+        report["zero_shot"] = _metrics(evaluate(GLIPDetector(glip, processor, postprocessor), test_split,
+                                                limit=config.eval_limit))
+
+    model = build_strategy(config.strategy, glip, prompt, config)
+    trainable = model.trainable_names()
+    report["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report["trainable_tensors"] = len(trainable)
+    use_cache = config.cache_features and model.frozen_visual
+    cache = FeatureCache(lambda pixels, size: glip.encode_images(pixels, [size]).levels) if use_cache else None
+    views = ("identity", "hflip") if config.augment else ("identity",)
+    dataset = AdaptDataset(train_split, image_ids, views)
+    collate = AdaptCollator(processor, prompt.positive_map, glip, model.frozen_visual, cache)
+    steps = config.steps or default_steps(config.shots)
+    if config.epochs:
+        steps = max(1, math.ceil(config.epochs * len(dataset) / min(config.batch_size, len(dataset))))
+    eval_every = config.eval_every or max(steps // 4, 25)
+    detect_fn = adapted_detect_fn(model, processor, postprocessor, task.category_names)
+
+    def eval_fn(wrapped) -> dict:
+        if valid_split is None:
+            return {}
+        return {"AP": evaluate(None, valid_split, limit=config.eval_limit, detect_fn=detect_fn)["AP"]}
+
+    run_dir = Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix=f"adapt-{config.strategy}-"))
+    train_config = TrainConfig(
+        out_dir=run_dir, lr=config.lr or DEFAULT_LR[config.strategy],
+        weight_decay=config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.strategy],
+        lr_multipliers=(("glip.text.", 0.1),) if config.strategy == "finetune" else (),
+        schedule="cosine", warmup_steps=min(20, steps // 10), max_steps=steps,
+        batch_size=min(config.batch_size, len(dataset)), grad_clip=1.0, eval_every=eval_every,
+        checkpoint_every=max(steps, 1), best_metric="AP" if valid_split is not None else None, seed=config.seed,
+        log_every=10, progress=config.progress, max_bad_steps=10)
+    trainer = Trainer(model, train_config, _loss_fn(), dataset, collate_fn=collate,
+                      eval_fn=eval_fn if valid_split is not None else None)
+    train_started = time.perf_counter()
+    result = trainer.fit(resume=False)
+    train_seconds = time.perf_counter() - train_started
+    if result.best_path is not None and Path(result.best_path).exists():
+        load_trainable(model, result.best_path)
+    model.eval()
+    report["tuned"] = _metrics(evaluate(None, test_split, limit=config.eval_limit, detect_fn=detect_fn))
+    report["timings"] = {"train_s": round(train_seconds, 2), "step_s": round(train_seconds / max(result.step, 1), 4),
+                         "steps": result.step, "total_s": 0.0, "feature_cache": cache.stats() if cache else None}
+    report["best_valid"] = {"step": result.best_step, "AP": result.best_value}
+
+    adapter = make_adapter(model, task, prompt, config, fingerprint, report)
+    if config.out is not None:
+        save_adapter(adapter, config.out)
+        report["adapter"] = {"path": str(config.out), "bytes": Path(config.out).stat().st_size}
+    report["timings"]["total_s"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def make_adapter(model: AdaptedGLIP, task, prompt: TokenizedPrompt, config: TuneConfig, fingerprint: str,
+                 report: dict) -> Adapter:
+    with torch.no_grad():
+        features = model.prompt_features().detach()
+    tensors = model.adapter_tensors()
+    return Adapter(
+        strategy=config.strategy, task=task.name,
+        categories=[{"name": c.name, "prefix": c.prefix, "suffix": c.suffix, "phrase": c.prompt_phrase}
+                    for c in task.categories],
+        prompt=features, positive_map=prompt.positive_map, input_ids=prompt.input_ids, caption=prompt.caption,
+        base_model=config.base, base_fingerprint=fingerprint, weights=tensors["weights"], lora=tensors["lora"],
+        lora_config=getattr(model, "lora_config", None),
+        training={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        evaluation={"zero_shot": report.get("zero_shot"), "tuned": report.get("tuned")},
+    )
+
+
+def _loss_fn():
+    loss = GroundingLoss()
+
+    def compute(model, batch: AdaptBatch) -> dict[str, Tensor]:
+        return loss(model(batch), batch.targets)
+
+    return compute
+
+
+def _metrics(metrics: dict) -> dict:
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_category", "seconds_per_image")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work when the adapter could not be written (a probe file, then removed)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".adapt-probe-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write the adapter into {folder} ({error.strerror or error}): "
+                              "choose another --out") from error
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=1, default=str))

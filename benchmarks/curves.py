@@ -1,0 +1,182 @@
+"""Strategy curves: AP vs shots for each strategy, task and base model (the paper's Fig. 4/7, on the icon suite).
+
+    python benchmarks/curves.py --preset quick --out benchmarks/results/curves-quick
+    python benchmarks/curves.py --preset full  --out benchmarks/results/curves-full
+
+Writes results.csv (one row per run), table.md and curves.png into --out; resumable (finished runs in
+results.csv are skipped). Shots 0 is the zero-shot base with the task prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+PRESETS = {
+    "quick": {"models": ["glip-nano", "glip-nano-a"], "tasks": ["icons-aquarium", "icons-described"],
+              "shots": [0, 1, 10], "seeds": [0], "strategies": ["linear-probe", "prompt-tune", "lora", "finetune"],
+              "eval_limit": 100, "steps": {1: 60, 10: 120}},
+    "full": {"models": ["glip-nano", "glip-nano-a"],
+             "tasks": ["icons-aquarium", "icons-vehicles", "icons-thermal", "icons-aerial", "icons-described"],
+             "shots": [0, 1, 3, 5, 10, None], "seeds": [0, 1, 2],
+             "strategies": ["linear-probe", "prompt-tune", "lora", "finetune"], "eval_limit": None,
+             "steps": {1: 100, 3: 150, 5: 200, 10: 250, None: 400}},
+}
+FIELDS = ["model", "task", "strategy", "shots", "seed", "AP", "AP50", "zero_shot_AP", "train_s", "step_s",
+          "trainable_parameters", "adapter_bytes"]
+
+
+def shots_label(shots) -> str:
+    return "full" if shots is None else str(shots)
+
+
+def run_all(preset: dict, out: Path, data_root: Path | None) -> list[dict]:
+    from adapt.evaluation import evaluate
+    from adapt.tune import TuneConfig, tune
+    from backbone.detector import GLIPDetector
+    from tasks import get_task
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
+    done = {(r["model"], r["task"], r["strategy"], r["shots"], r["seed"]) for r in rows}
+
+    def save(row: dict) -> None:
+        rows.append({k: row.get(k, "") for k in FIELDS})
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    for model in preset["models"]:
+        for task in preset["tasks"]:
+            zero = None
+            for shots in preset["shots"]:
+                for seed in (preset["seeds"] if shots != 0 else [0]):
+                    for strategy in (preset["strategies"] if shots != 0 else ["zero-shot"]):
+                        key = (model, task, strategy, shots_label(shots), str(seed))
+                        if key in done:
+                            continue
+                        started = time.perf_counter()
+                        if shots == 0:
+                            split = get_task(task, data_root=data_root).split("test")
+                            metrics = evaluate(GLIPDetector.from_pretrained(model), split,
+                                               limit=preset["eval_limit"])
+                            zero = metrics["AP"]
+                            save({"model": model, "task": task, "strategy": "zero-shot", "shots": "0", "seed": 0,
+                                  "AP": round(metrics["AP"], 2), "AP50": round(metrics["AP50"], 2),
+                                  "zero_shot_AP": round(metrics["AP"], 2)})
+                            continue
+                        report = tune(TuneConfig(
+                            strategy=strategy, task=task, base=model, shots=shots, seed=seed,
+                            steps=preset["steps"][shots], eval_limit=preset["eval_limit"], zero_shot=False,
+                            data_root=data_root, progress=False, out=out / "adapters" / f"{model}-{task}-{strategy}-"
+                                                                                      f"{shots_label(shots)}-{seed}.safetensors"))
+                        save({"model": model, "task": task, "strategy": strategy, "shots": shots_label(shots),
+                              "seed": seed, "AP": round(report["tuned"]["AP"], 2),
+                              "AP50": round(report["tuned"]["AP50"], 2), "zero_shot_AP": zero,
+                              "train_s": report["timings"]["train_s"], "step_s": report["timings"]["step_s"],
+                              "trainable_parameters": report["trainable_parameters"],
+                              "adapter_bytes": report["adapter"]["bytes"]})
+                        print(f"{model} {task} {strategy} {shots_label(shots)}-shot seed {seed}: "
+                              f"AP {report['tuned']['AP']:.1f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict], out: Path) -> None:
+    """Mean over seeds -> table.md and curves.png (one panel per task plus the average; one line per strategy,
+    solid for glip-nano, dashed for glip-nano-a)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table: dict[tuple, list[float]] = {}
+    for r in rows:
+        table.setdefault((r["model"], r["task"], r["strategy"], r["shots"]), []).append(float(r["AP"]))
+    mean = {k: sum(v) / len(v) for k, v in table.items()}
+    models = sorted({k[0] for k in mean})
+    tasks = sorted({k[1] for k in mean})
+    strategies = [s for s in ["linear-probe", "prompt-tune", "lora", "finetune"] if any(k[2] == s for k in mean)]
+    shot_order = [s for s in ["0", "1", "3", "5", "10", "full"] if any(k[3] == s for k in mean)]
+
+    def value(model, task, strategy, shots):
+        if shots == "0":
+            return mean.get((model, task, "zero-shot", "0"))
+        return mean.get((model, task, strategy, shots))
+
+    lines = ["| model | task | strategy | " + " | ".join(f"{s}-shot" if s not in ("0", "full") else
+                                                      ("zero-shot" if s == "0" else "full") for s in shot_order) + " |",
+             "|---|---|---|" + "---|" * len(shot_order)]
+    for model in models:
+        for task in tasks + ["average"]:
+            for strategy in strategies:
+                cells = []
+                for shots in shot_order:
+                    if task == "average":
+                        vals = [value(model, t, strategy, shots) for t in tasks]
+                        v = sum(vals) / len(vals) if all(x is not None for x in vals) else None
+                    else:
+                        v = value(model, task, strategy, shots)
+                    cells.append("" if v is None else f"{v:.1f}")
+                lines.append(f"| {model} | {task} | {strategy} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+    panels = tasks + ["average"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    colours = {"linear-probe": "tab:blue", "prompt-tune": "tab:red", "lora": "tab:green", "finetune": "tab:purple"}
+    for ax, task in zip(axes[0], panels):
+        for model in models:
+            for strategy in strategies:
+                xs, ys = [], []
+                for i, shots in enumerate(shot_order):
+                    if task == "average":
+                        vals = [value(model, t, strategy, shots) for t in tasks]
+                        v = sum(vals) / len(vals) if all(x is not None for x in vals) else None
+                    else:
+                        v = value(model, task, strategy, shots)
+                    if v is not None:
+                        xs.append(i)
+                        ys.append(v)
+                ax.plot(xs, ys, marker="o", color=colours[strategy], linestyle="-" if model == models[0] else "--",
+                        label=f"{strategy} ({model})")
+        ax.set_xticks(range(len(shot_order)), ["zero" if s == "0" else s for s in shot_order])
+        ax.set_title(task)
+        ax.set_xlabel("shots")
+        ax.set_ylabel("AP")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--models", nargs="*", help="override the preset's base models")
+    parser.add_argument("--tasks", nargs="*", help="override the preset's tasks")
+    args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = dict(PRESETS[args.preset])
+    if args.models:
+        preset["models"] = args.models
+    if args.tasks:
+        preset["tasks"] = args.tasks
+    out = args.out or Path("benchmarks/results") / f"curves-{args.preset}"
+    started = time.perf_counter()
+    rows = run_all(preset, out, args.data_root)
+    summarise(rows, out)
+    print((out / "table.md").read_text())
+    print(json.dumps({"runs": len(rows), "wall_s": round(time.perf_counter() - started, 1), "out": str(out)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Forward latency and peak memory of GLIP-T(C) and GLIP-T(A) with the reference weights (issue: the GLIP core).
+
+    python benchmarks/speed_core.py [--reference ../shared/reference] [--threads 2] [--runs 5] [--device cpu]
+
+Each (model, size) runs in its own process, so peak RSS is that configuration's alone. Timed: the full
+model call as the official timing measured it (tokenizer + BERT + Swin/FPN + DyHead + head +
+post-processing) on an already normalised, padded image; median of --runs after one warm-up.
+Official code on this machine type (shared/reference/README.md): GLIP-T(C) 3.51 s / 28.8 s and GLIP-T(A)
+1.69 s / 10.5 s at 320x480 / 800x1333, peak RSS 2.61 / 3.64 and 2.01 / 2.23 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {"glip_t": ("GLIP-T(C)", "person. bicycle. car. toothbrush."),
+         "glip_a": ("GLIP-T(A)", "a red box. blue circle. yellow banner. white oval. brown triangle")}
+SIZES = [(320, 480), (800, 1333)]
+OFFICIAL = {("glip_t", 320): (3.51, 2.61), ("glip_t", 800): (28.8, 3.64),
+            ("glip_a", 320): (1.69, 2.01), ("glip_a", 800): (10.5, 2.23)}
+
+
+def worker(weights: str, case: str, height: int, width: int, runs: int, threads: int, device: str,
+           dtype: str) -> dict:
+    import torch
+
+    from backbone.detector import split_prompt
+    from backbone.model import GLIP
+    from backbone.postprocess import Postprocessor
+    from backbone.processor import GLIPProcessor
+
+    torch.set_num_threads(threads)
+    model = GLIP.from_pretrained(weights).eval().to(device)
+    processor = GLIPProcessor.from_config(model.config)
+    postprocessor = Postprocessor(model.config.postprocess)
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    padded = (-(-height // 32) * 32, -(-width // 32) * 32)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.zeros(1, 3, *padded)
+    pixels[..., :height, :width] = torch.randn(1, 3, height, width, generator=generator)
+    pixels = pixels.to(device)
+    caption = CASES[case][1]
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def call():
+        with torch.no_grad(), autocast:
+            [prompt] = processor.tokenize(split_prompt(caption))
+            features = model.encode_prompt(prompt.input_ids.to(device), prompt.attention_mask.to(device))
+            outputs = model(features, pixels, [(height, width)])
+            result = postprocessor(outputs, prompt.positive_map.to(device))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return result
+
+    call()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return {"case": case, "size": f"{height}x{width}", "padded": f"{padded[0]}x{padded[1]}", "device": device,
+            "dtype": dtype, "median_s": statistics.median(times), "runs_s": [round(t, 2) for t in times],
+            "rss_after_load_gib": round(rss_after_load, 2),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def build_weights(reference: Path, case: str, folder: Path) -> Path:
+    """Official-format weights from the deterministic initialiser, converted once to our format."""
+    out = folder / f"{case}.safetensors"
+    if not out.exists():
+        official = folder / f"{case}_official.safetensors"
+        subprocess.run([sys.executable, "init_weights.py", str((reference / case / "keys.json").resolve()),
+                        str(official)], cwd=reference, check=True, capture_output=True)
+        from backbone.convert import convert_file
+
+        convert_file(official, out)
+        official.unlink()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "glip-adapt-bench")
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--worker", nargs=4, metavar=("WEIGHTS", "CASE", "H", "W"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        weights, case, h, w = args.worker
+        print(json.dumps(worker(weights, case, int(h), int(w), args.runs, args.threads, args.device, args.dtype)))
+        return
+    args.cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in args.cases:
+        weights = build_weights(args.reference, case, args.cache)
+        for height, width in SIZES:
+            run = subprocess.run([sys.executable, __file__, "--worker", str(weights), case, str(height), str(width),
+                                  "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device,
+                                  "--dtype", args.dtype], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if run.returncode != 0:
+                raise SystemExit(run.stderr[-2000:])
+            row = json.loads(run.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            official_s, official_gib = OFFICIAL[(case, height)]
+            print(f"{CASES[case][0]:<10} {row['size']:>9} ({row['padded']}) {row['device']} {row['dtype']}: "
+                  f"median {row['median_s']:.2f} s (runs {row['runs_s']}), peak RSS {row['peak_rss_gib']:.2f} GiB"
+                  f"  | official CPU: {official_s} s, {official_gib} GiB  -> {official_s / row['median_s']:.1f}x",
+                  flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Training cost per strategy: step time, peak memory, trainable parameters, adapter bytes; with and without
+the frozen-feature cache.
+
+    python benchmarks/train_cost.py --base glip-nano
+    python benchmarks/train_cost.py --base glip-t-ref --size 320      # GLIP-T, deterministic reference weights
+
+Each (strategy, cache) runs in its own process (peak RSS is its own). One step = forward + loss +
+backward + AdamW update on the same batch of icons-aquarium training images; median of --steps after a
+warm-up. "cached" steps read precomputed backbone+FPN features (computed outside the timed step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = [("prompt-tune", True), ("prompt-tune", False), ("linear-probe", True), ("linear-probe", False),
+        ("lora", True), ("lora", False), ("finetune", False)]
+
+
+def resolve_base(base: str, reference: Path) -> str:
+    if base != "glip-t-ref":
+        return base
+    sys.path.insert(0, str(Path(__file__).parent))
+    from speed_core import build_weights
+
+    return str(build_weights(reference, "glip_t", Path(tempfile.gettempdir()) / "glip-adapt-bench"))
+
+
+def worker(base: str, strategy: str, cached: bool, batch_size: int, steps: int, size: int | None,
+           data_root: str | None) -> dict:
+    import dataclasses
+
+    import torch
+
+    from adapt.adapter import save_adapter
+    from adapt.cache import stack_levels
+    from adapt.strategies import AdaptBatch
+    from adapt.tune import AdaptCollator, AdaptDataset, TuneConfig, build_strategy, make_adapter, task_tokens
+    from backbone.loss import GroundingLoss
+    from backbone.model import GLIP
+    from backbone.processor import GLIPProcessor
+    from tasks import get_task
+
+    torch.manual_seed(0)
+    glip = GLIP.from_pretrained(base)
+    if size:
+        glip.config = dataclasses.replace(glip.config, image=dataclasses.replace(glip.config.image, min_size=size,
+                                                                                 max_size=size))
+    task = get_task("icons-aquarium", data_root=data_root)
+    split = task.split("train")
+    processor = GLIPProcessor.from_config(glip.config)
+    prompt = task_tokens(processor, task.categories)
+    config = TuneConfig(strategy=strategy, task=task.name, base=base)
+    model = build_strategy(strategy, glip, prompt, config)
+    model.train()
+    collate = AdaptCollator(processor, prompt.positive_map, glip, model.frozen_visual, None)
+    samples = [AdaptDataset(split, split.image_ids[:batch_size])[i] for i in range(batch_size)]
+    batch = collate(samples)
+    if model.frozen_visual and not cached:  # recompute backbone + FPN inside every step
+        batch = AdaptBatch(batch.image_sizes, batch.targets,
+                           pixel_values=processor.preprocess([s["image"] for s in samples]).pixel_values)
+    loss_fn = GroundingLoss()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = loss_fn(model(batch), batch.targets)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    adapter = make_adapter(model, task, prompt, config, "benchmark", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_adapter(adapter, Path(tmp) / "a.safetensors")
+        adapter_bytes = path.stat().st_size
+    return {"strategy": strategy, "cached": cached, "step_s": statistics.median(times),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "adapter_bytes": adapter_bytes, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "image": f"{batch.image_sizes[0][0]}x{batch.image_sizes[0][1]}", "batch_size": batch_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="glip-nano")
+    parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--only", nargs="*", help="strategy[:cached|:uncached] subset")
+    parser.add_argument("--worker", nargs=3, metavar=("BASE", "STRATEGY", "CACHED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        base, strategy, cached = args.worker
+        print(json.dumps(worker(base, strategy, cached == "1", args.batch_size, args.steps, args.size,
+                                args.data_root)))
+        return
+    base = resolve_base(args.base, args.reference)
+    runs = [r for r in RUNS if not args.only or r[0] in args.only
+            or f"{r[0]}:{'cached' if r[1] else 'uncached'}" in args.only]
+    rows = []
+    for strategy, cached in runs:
+        command = [sys.executable, __file__, "--worker", base, strategy, "1" if cached else "0",
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
+        if args.size:
+            command += ["--size", str(args.size)]
+        if args.data_root:
+            command += ["--data-root", args.data_root]
+        run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if run.returncode != 0:
+            raise SystemExit(run.stderr[-3000:])
+        row = json.loads(run.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{args.base:<11} {row['strategy']:<13} {'cached' if row['cached'] else 'uncached':<9} "
+              f"step {row['step_s']:.3f} s  peak RSS {row['peak_rss_gib']:.2f} GiB  trainable "
+              f"{row['trainable_parameters']:>11,}  adapter {row['adapter_bytes']:>11,} B  "
+              f"(batch {row['batch_size']} x {row['image']})", flush=True)
+    by = {(r["strategy"], r["cached"]): r for r in rows}
+    if ("prompt-tune", True) in by and ("finetune", False) in by:
+        ratio = by[("finetune", False)]["step_s"] / by[("prompt-tune", True)]["step_s"]
+        print(f"cached prompt-tune step is {ratio:.1f}x faster than a full fine-tuning step (target >= 5x)")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
