@@ -29,7 +29,7 @@ OFFICIAL = {("glip_t", 320): (3.51, 2.61), ("glip_t", 800): (28.8, 3.64),
 
 
 def worker(weights: str, case: str, height: int, width: int, runs: int, threads: int, device: str,
-           dtype: str) -> dict:
+           dtype: str, deform_impl: str) -> dict:
     import torch
 
     from backbone.detector import split_prompt
@@ -39,6 +39,9 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
 
     torch.set_num_threads(threads)
     model = GLIP.from_pretrained(weights).eval().to(device)
+    for module in model.modules():
+        if hasattr(module, "deform_impl"):
+            module.deform_impl = deform_impl
     processor = GLIPProcessor.from_config(model.config)
     postprocessor = Postprocessor(model.config.postprocess)
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -67,7 +70,7 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
         call()
         times.append(time.perf_counter() - started)
     return {"case": case, "size": f"{height}x{width}", "padded": f"{padded[0]}x{padded[1]}", "device": device,
-            "dtype": dtype, "median_s": statistics.median(times), "runs_s": [round(t, 2) for t in times],
+            "dtype": dtype, "deform_impl": deform_impl, "median_s": statistics.median(times), "runs_s": [round(t, 2) for t in times],
             "rss_after_load_gib": round(rss_after_load, 2),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
@@ -95,27 +98,32 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "glip-adapt-bench")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--deform-impl", default="torchvision", choices=["torchvision", "im2col"])
+    parser.add_argument("--sizes", nargs="*", type=int, default=[320, 800], help="shorter sides to run")
     parser.add_argument("--worker", nargs=4, metavar=("WEIGHTS", "CASE", "H", "W"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         weights, case, h, w = args.worker
-        print(json.dumps(worker(weights, case, int(h), int(w), args.runs, args.threads, args.device, args.dtype)))
+        print(json.dumps(worker(weights, case, int(h), int(w), args.runs, args.threads, args.device, args.dtype,
+                                args.deform_impl)))
         return
     args.cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in args.cases:
         weights = build_weights(args.reference, case, args.cache)
-        for height, width in SIZES:
+        for height, width in [s for s in SIZES if s[0] in args.sizes]:
             run = subprocess.run([sys.executable, __file__, "--worker", str(weights), case, str(height), str(width),
                                   "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device,
-                                  "--dtype", args.dtype], capture_output=True, text=True,
+                                  "--dtype", args.dtype, "--deform-impl", args.deform_impl],
+                                 capture_output=True, text=True,
                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-2000:])
             row = json.loads(run.stdout.strip().splitlines()[-1])
             rows.append(row)
             official_s, official_gib = OFFICIAL[(case, height)]
-            print(f"{CASES[case][0]:<10} {row['size']:>9} ({row['padded']}) {row['device']} {row['dtype']}: "
+            print(f"{CASES[case][0]:<10} {row['size']:>9} ({row['padded']}) {row['device']} {row['dtype']} "
+                  f"deform={row['deform_impl']}: "
                   f"median {row['median_s']:.2f} s (runs {row['runs_s']}), peak RSS {row['peak_rss_gib']:.2f} GiB"
                   f"  | official CPU: {official_s} s, {official_gib} GiB  -> {official_s / row['median_s']:.1f}x",
                   flush=True)
