@@ -66,7 +66,7 @@ class FusionConfig:
 class DyHeadConfig:
     num_layers: int = 6
     deformable: bool = field(default=True, metadata={"help": "modulated deformable 3x3 convs (else plain conv)"})
-    deform_impl: str = field(default="torchvision", metadata={
+    deform_impl: str = field(default="im2col", metadata={
         "help": "'torchvision' (ops.deform_conv2d) or 'im2col' (grid_sample + matmul; see benchmarks/deform_conv.py)"})
     group_norm_groups: int = 16
 
