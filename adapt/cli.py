@@ -280,6 +280,51 @@ def adapters_merge(
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
+@app.command()
+def serve(
+    adapters: Annotated[Path, typer.Option(help="adapter folder: one <task>.safetensors per task (uploads land here)")]
+    = Path("adapters"),
+    base: Annotated[str, typer.Option(help="checkpoint name or path the adapters were trained on")] = "glip-nano",
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    keys: Annotated[Optional[str], typer.Option(
+        help="API key file (JSON/YAML with sha256 digests, see docs/serving.md); default $ADAPT_SERVE_KEYS (a path "
+             "or inline JSON); none = open server, no uploads")] = None,
+    max_batch: Annotated[int, typer.Option(help="most requests in one model batch (1 = batching off)")] = 8,
+    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="waiting requests beyond this get 503 + Retry-After")] = 64,
+    deadline: Annotated[float, typer.Option(help="per-request deadline, seconds (then 504)")] = 30.0,
+    cache_mb: Annotated[int, typer.Option(help="memory bound of loaded adapters, MiB (LRU)")] = 256,
+    max_body_mb: Annotated[int, typer.Option(help="largest detect request body, MiB")] = 16,
+    max_pixels: Annotated[int, typer.Option(help="largest image, width x height (decompression-bomb guard)")]
+    = 25_000_000,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="run as a Ray Serve deployment on a local Ray instance")] = False,
+    replicas: Annotated[int, typer.Option(help="model replicas with --ray")] = 1,
+) -> None:
+    """Serve every adapter in --adapters over HTTP on one shared base: POST /v1/tasks/{task}/detect."""
+    import os
+
+    from adapt.serve.engine import EngineConfig
+    from adapt.serve.server import load_keys, run_http, run_ray
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        config = EngineConfig(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
+                              deadline_s=deadline, cache_bytes=cache_mb * 2**20, max_pixels=max_pixels)
+        key_config = load_keys(keys or os.environ.get("ADAPT_SERVE_KEYS"))
+        options = dict(base=base, adapters_dir=adapters, engine_config=config, keys=key_config, host=host, port=port,
+                       max_body_bytes=max_body_mb * 2**20)
+        if ray:
+            run_ray(**options, replicas=replicas, threads=threads)
+        else:
+            run_http(**options)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+
 def _register_subapps() -> None:
     from adapt.cli_tasks import tasks_app
 

@@ -1,0 +1,314 @@
+"""The adapter pool: one frozen base, many adapter files, loaded lazily into an LRU bounded by bytes.
+
+The directory is the registry: `<dir>/<name>.safetensors` is task `name` (the format of `adapt.adapter`).
+Registering costs a directory entry; an adapter is read, verified against the base (format version,
+fingerprint, tensor names and shapes) and attached (LoRA folded into override tensors) on first use,
+and kept while it fits `max_bytes`. A file changed on disk (an upload, possibly by another server
+process) is noticed by its stat and reloaded on the next request; an evicted one reloads transparently.
+Uploads are verified in a temporary file beside the target and moved over it atomically, so a bad
+upload never replaces a working adapter. Modelled on lorax's adapter cache (LRU of loaded adapters).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from adapt.adapter import Adapter, AdapterError, base_fingerprint, load_adapter, weight_overrides
+from backbone.outputs import PromptFeatures
+
+SUFFIX = ".safetensors"
+# Lower-case letters, digits, '.', '_', '-'; starts and ends with a letter or digit; no '..' (so no path parts).
+_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+_SAFETENSORS_MAX_HEADER = 100 * 2**20
+
+
+class InvalidAdapterName(ValueError):
+    """A task/adapter name that could escape the adapter directory or is not a plain identifier."""
+
+
+class UnknownAdapter(KeyError):
+    """No adapter file of that name."""
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a safe adapter name, else raise InvalidAdapterName naming the rule."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise InvalidAdapterName(
+            f"invalid adapter name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', starting and "
+            "ending with a letter or digit, with no '..' (e.g. 'icons-aquarium')")
+    return name
+
+
+def list_adapters(directory: str | Path) -> list[str]:
+    """Every registered task: the valid names of the directory's adapter files, sorted."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            stem = entry.name[: -len(SUFFIX)] if entry.name.endswith(SUFFIX) else None
+            if stem and _NAME.match(stem) and ".." not in stem and entry.is_file():
+                found.append(stem)
+    return sorted(found)
+
+
+def adapter_exists(directory: str | Path, name: str) -> bool:
+    try:
+        return (Path(directory) / f"{validate_name(name)}{SUFFIX}").is_file()
+    except InvalidAdapterName:
+        return False
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter verified against the base and ready to run.
+
+    Attributes:
+        name: the task name it serves under (its file name).
+        version: first 16 hex digits of the file's sha256; changes with every new upload.
+        adapter: the adapter as read from the file.
+        overrides: base-model tensors it replaces ({} for prompt tuning; LoRA already folded in).
+        nbytes: bytes held by its tensors (what the LRU bound counts).
+        stamp: (inode, size, mtime_ns) of the file it was read from.
+        load_seconds: time to read, verify and attach it.
+    """
+
+    name: str
+    version: str
+    adapter: Adapter
+    overrides: dict[str, Tensor]
+    nbytes: int
+    stamp: tuple[int, int, int]
+    load_seconds: float
+
+    @property
+    def shares_base(self) -> bool:
+        return not self.overrides
+
+    @property
+    def prompt(self) -> PromptFeatures:
+        return self.adapter.prompt
+
+    @property
+    def strategy(self) -> str:
+        return self.adapter.strategy
+
+
+class _BaseView:
+    """What `check_base` reads of the base (config, fingerprint, names/shapes/dtypes of its tensors), cached.
+
+    `GLIP.state_dict()` walks every module (~ms for GLIP-T); verification needs only shapes and dtypes,
+    so a dict of meta tensors built once keeps a cold prompt-adapter load at a few milliseconds.
+    """
+
+    def __init__(self, base, fingerprint: str):
+        self.config = base.config
+        self._adapt_fingerprint = fingerprint
+        self._state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in base.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self._state
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _unique_nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def _share_embedded(prompt: PromptFeatures) -> PromptFeatures:
+    """`embedded` is `hidden` zeroed at padding; for an unpadded prompt they are equal, so keep one copy."""
+    if bool(prompt.mask.all()) and prompt.embedded.data_ptr() != prompt.hidden.data_ptr() and \
+            prompt.embedded.shape == prompt.hidden.shape and bool((prompt.embedded == prompt.hidden).all()):
+        return PromptFeatures(prompt.hidden, prompt.hidden, prompt.mask)
+    return prompt
+
+
+class AdapterPool:
+    """Adapters for one base model, from one directory.
+
+    Args:
+        base: the frozen GLIP every adapter must have been trained on.
+        directory: where `<name>.safetensors` files live (created if missing; uploads go here).
+        max_bytes: bound on the loaded adapters' tensor bytes; least recently used ones are evicted.
+        max_upload_bytes: largest adapter file `put` accepts.
+    """
+
+    def __init__(self, base, directory: str | Path, *, max_bytes: int = 256 * 2**20,
+                 max_upload_bytes: int = 64 * 2**20):
+        self.base = base
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.max_upload_bytes = max_upload_bytes
+        self.fingerprint = base_fingerprint(base)
+        self._base_view = _BaseView(base, self.fingerprint)
+        self._cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()
+        self.hits = self.misses = self.evictions = self.loads = 0
+
+    # ------------------------------------------------------------------------------------------ registry
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{validate_name(name)}{SUFFIX}"
+
+    def names(self) -> list[str]:
+        return list_adapters(self.directory)
+
+    def exists(self, name: str) -> bool:
+        return adapter_exists(self.directory, name)
+
+    # --------------------------------------------------------------------------------------------- cache
+
+    def get(self, name: str) -> LoadedAdapter:
+        """The loaded adapter for `name`, reading and verifying it if it is not cached or changed on disk.
+
+        Raises:
+            UnknownAdapter: no such file. InvalidAdapterName: a name that is not allowed.
+            AdapterError: the file is not a usable adapter for this base (e.g. a full fine-tune).
+        """
+        path = self.path(name)
+        try:
+            stamp = _stamp(path)
+        except FileNotFoundError:
+            with self._lock:
+                self._drop(name)
+            raise UnknownAdapter(name) from None
+        with self._lock:
+            entry = self._cache.get(name)
+            if entry is not None and entry.stamp == stamp:
+                self._cache.move_to_end(name)
+                self.hits += 1
+                return entry
+            self.misses += 1
+        entry = self._load(name, path)
+        with self._lock:
+            self._insert(entry)
+        return entry
+
+    def cached(self, name: str) -> LoadedAdapter | None:
+        with self._lock:
+            return self._cache.get(name)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._bytes = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "loads": self.loads, "evictions": self.evictions,
+                    "bytes": self._bytes, "entries": len(self._cache), "max_bytes": self.max_bytes}
+
+    def _load(self, name: str, path: Path) -> LoadedAdapter:
+        start = time.perf_counter()
+        for _ in range(3):  # retry if the file is replaced while we read it
+            before = _stamp(path)
+            data = path.read_bytes()
+            adapter = load_adapter(path, base=self._base_view)
+            if _stamp(path) == before:
+                break
+        else:
+            raise AdapterError(f"adapter file {path} keeps changing while it is read; retry")
+        entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], before)
+        entry.load_seconds = time.perf_counter() - start
+        self.loads += 1
+        return entry
+
+    def _attach(self, name: str, adapter: Adapter, version: str, stamp) -> LoadedAdapter:
+        overrides = weight_overrides(adapter, self.base)  # raises AdapterError for a full fine-tune
+        for key in overrides:
+            if key.startswith("text."):
+                raise AdapterError(f"adapter {name!r} changes the language backbone ({key}); the server never runs "
+                                   "it (prompts come precomputed), so serve it as its own model")
+        adapter.prompt = _share_embedded(adapter.prompt)
+        tensors = [*adapter.prompt.state_dict().values(), adapter.positive_map, adapter.input_ids,
+                   *adapter.weights.values(), *adapter.lora.values(), *overrides.values()]
+        return LoadedAdapter(name=name, version=version, adapter=adapter, overrides=overrides,
+                             nbytes=_unique_nbytes(tensors), stamp=stamp, load_seconds=0.0)
+
+    def _insert(self, entry: LoadedAdapter) -> None:
+        self._drop(entry.name)
+        self._cache[entry.name] = entry
+        self._bytes += entry.nbytes
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= old.nbytes
+            self.evictions += 1
+
+    def _drop(self, name: str) -> None:
+        old = self._cache.pop(name, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+
+    # ------------------------------------------------------------------------------------------- uploads
+
+    def put(self, name: str, data: bytes) -> LoadedAdapter:
+        """Verify `data` as an adapter for this base, then atomically make it task `name`'s adapter.
+
+        Raises:
+            InvalidAdapterName, AdapterError (not safetensors, too large, wrong base, full fine-tune, ...).
+        """
+        path = self.path(name)
+        if len(data) > self.max_upload_bytes:
+            raise AdapterError(f"adapter upload is {len(data):,} bytes, over the limit of {self.max_upload_bytes:,}; "
+                               "raise max_upload_bytes if this adapter is meant to be served")
+        _check_safetensors_header(data)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".upload")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            adapter = load_adapter(tmp, base=self._base_view)
+            entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], (0, 0, 0))
+            with self._lock:
+                os.replace(tmp, path)  # atomic: readers see the old file or the new one
+                entry.stamp = _stamp(path)
+                self._insert(entry)
+            return entry
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def delete(self, name: str) -> bool:
+        path = self.path(name)
+        with self._lock:
+            self._drop(name)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+
+def _check_safetensors_header(data: bytes) -> None:
+    """Cheap structural check before anything parses the upload: 8-byte length + a JSON header."""
+    if len(data) < 10:
+        raise AdapterError("upload is not a safetensors file (too short); adapters are .safetensors files")
+    size = int.from_bytes(data[:8], "little")
+    if size <= 0 or size > min(_SAFETENSORS_MAX_HEADER, len(data) - 8) or data[8:9] != b"{":
+        raise AdapterError("upload is not a safetensors file (bad header); only .safetensors adapters written by "
+                           "`adapt prompt-tune|linear-probe|lora` are accepted")

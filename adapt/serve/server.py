@@ -1,0 +1,95 @@
+"""Process entry points: the single-process HTTP server (uvicorn) and the local Ray Serve deployment.
+
+`adapt serve` (adapt/cli.py) reads flags and the environment and calls these; nothing here reads env.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from adapt.serve.engine import EngineConfig, MultiTenantEngine
+from adapt.serve.tenancy import Tenancy, read_key_file
+
+log = logging.getLogger("adapt.serve")
+
+
+def load_keys(source: str | Path | None) -> dict | None:
+    """Key config from a file path, or inline JSON (what $ADAPT_SERVE_KEYS may hold); None for none."""
+    if not source:
+        return None
+    text = str(source).strip()
+    data = json.loads(text) if text.startswith("{") else read_key_file(text)
+    Tenancy.from_dict(data, source="inline keys" if text.startswith("{") else text)  # fail early on a bad file
+    return data
+
+
+def run_http(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig = EngineConfig(),
+             keys: dict | None = None, host: str = "127.0.0.1", port: int = 8000,
+             max_body_bytes: int = 16 * 2**20, image_size: int | None = None, log_level: str = "info") -> None:
+    """Load the base, build the engine and the app, and serve HTTP until interrupted.
+
+    Args:
+        keys: the key file's content (see adapt.serve.tenancy); None = an open server.
+        image_size: resize images to this square size instead of the base config's (benchmarks use it
+            to keep GLIP-T affordable on CPU).
+    """
+    import uvicorn
+
+    from adapt.serve.app import HTTPLimits, serve_engine
+
+    tenancy = Tenancy.from_dict(keys) if keys else Tenancy()
+    engine = MultiTenantEngine.from_pretrained(base, adapters_dir, engine_config,
+                                               processor=processor_for(base_config_of(base), image_size))
+    if tenancy.open:
+        log.warning("no API keys configured: every caller may use every task and nobody may upload adapters")
+    limits = HTTPLimits(max_body_bytes=max_body_bytes, max_upload_bytes=engine_config.max_upload_bytes)
+    uvicorn.run(serve_engine(engine, tenancy, limits), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=5)
+
+
+def run_ray(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig = EngineConfig(),
+            keys: dict | None = None, host: str = "127.0.0.1", port: int = 8000,
+            max_body_bytes: int = 16 * 2**20, replicas: int = 1, num_cpus: int | None = None,
+            threads: int | None = None) -> None:
+    """Start a local Ray instance, deploy the Serve application and block until interrupted."""
+    from ray import serve
+
+    from adapt.serve.app import HTTPLimits
+    from adapt.serve.ray_app import build_app, run
+
+    app = build_app(base=base, adapters_dir=str(Path(adapters_dir).resolve()), engine_config=engine_config,
+                    tenancy=keys, limits=HTTPLimits(max_body_bytes=max_body_bytes, max_upload_bytes=engine_config.max_upload_bytes),
+                    num_replicas=replicas, threads=threads)
+    run(app, host=host, port=port, num_cpus=num_cpus, blocking=False)
+    print(f"serving on http://{host}:{port} (Ray Serve, {replicas} model replica(s)); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def base_config_of(base: str):
+    from backbone.checkpoints import CHECKPOINTS, read_metadata
+    from backbone.config import GLIPConfig, get_preset
+
+    if base in CHECKPOINTS:
+        return get_preset(CHECKPOINTS[base].preset)
+    import json
+
+    meta = read_metadata(base) if str(base).endswith(".safetensors") else {}
+    return GLIPConfig.from_dict(json.loads(meta["config"])) if "config" in meta else None
+
+
+def processor_for(config, image_size: int | None):
+    """None (the engine's default) unless a square `image_size` overrides the config's resize."""
+    if config is None or image_size is None:
+        return None
+    import dataclasses
+
+    from backbone.processor import GLIPProcessor
+
+    image = dataclasses.replace(config.image, min_size=image_size, max_size=image_size)
+    return GLIPProcessor.from_config(config.replace(image=image))

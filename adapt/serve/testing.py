@@ -1,0 +1,81 @@
+"""Synthetic adapters and images for tests and benchmarks of the server (infinity's `debugengine` idea).
+
+The adapters are real files in the real format, built directly from a base model: a prompt adapter is
+the base's P0 of a category prompt plus a random offset (what prompt tuning produces), a linear probe
+perturbs head tensors, a LoRA adds random low-rank factors. They are meaningless detectors but exercise
+every code path of loading, verification, batching and isolation.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adapt.adapter import Adapter, base_fingerprint, save_adapter
+from backbone.model import GLIP
+from backbone.processor import GLIPProcessor
+
+
+def tiny_base(seed: int = 0) -> GLIP:
+    """The tiny random GLIP of the tests, with scores raised so that detections exist at threshold 0."""
+    from backbone.config import tiny_for_tests
+
+    torch.manual_seed(seed)
+    model = GLIP.from_config(tiny_for_tests()).eval()
+    with torch.no_grad():
+        model.head.bias0.fill_(0.0)
+    return model
+
+
+def make_adapter(base: GLIP, processor: GLIPProcessor, task: str, categories: list[str], *,
+                 strategy: str = "prompt-tune", seed: int = 0, offset: float = 0.1) -> Adapter:
+    """An adapter of `strategy` for `categories` on `base` (which must still have its language backbone)."""
+    generator = torch.Generator().manual_seed(seed)
+    [tokens] = processor.tokenize(categories)
+    with torch.no_grad():
+        prompt = base.encode_prompt(tokens.input_ids, tokens.attention_mask)
+    hidden = prompt.hidden + offset * torch.randn(prompt.hidden.shape, generator=generator)  # (1, T, D)
+    prompt = type(prompt)(hidden, hidden.clone(), prompt.mask)
+    state = base.state_dict()
+    weights, lora, lora_config = {}, {}, None
+    if strategy in ("linear-probe", "finetune"):
+        for key in ("head.bias0", "head.dot_product_projection_text.weight", "head.dot_product_projection_text.bias"):
+            weights[key] = state[key] + 0.2 * torch.randn(state[key].shape, generator=generator)
+    elif strategy == "lora":
+        module = "head.dot_product_projection_text"
+        out_dim, in_dim = state[f"{module}.weight"].shape
+        lora_config = {"r": 4, "alpha": 8, "target_modules": [module]}
+        lora = {f"{module}.lora_A.weight": 0.5 * torch.randn(4, in_dim, generator=generator),
+                f"{module}.lora_B.weight": 0.5 * torch.randn(out_dim, 4, generator=generator)}
+    return Adapter(strategy=strategy, task=task, categories=[{"name": c, "prefix": "", "suffix": ""} for c in categories],
+                   prompt=prompt, positive_map=tokens.positive_map, input_ids=tokens.input_ids,
+                   caption=tokens.caption, base_model=base.config.name, base_fingerprint=base_fingerprint(base),
+                   weights=weights, lora=lora, lora_config=lora_config)
+
+
+def write_adapter(base: GLIP, processor: GLIPProcessor, directory: str | Path, task: str, categories: list[str],
+                  **kwargs) -> Path:
+    return save_adapter(make_adapter(base, processor, task, categories, **kwargs),
+                        Path(directory) / f"{task}.safetensors")
+
+
+def image_bytes(width: int = 96, height: int = 64, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A random-noise image with a few flat rectangles, encoded."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        x, y = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+        array[y: y + height // 3, x: x + width // 3] = rng.integers(0, 255, 3, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def bomb_bytes(side: int = 20000) -> bytes:
+    """A tiny PNG that declares side x side pixels (a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

@@ -1,0 +1,509 @@
+"""Benchmarks of the multi-tenant server (issue 6): printed figures, not timed tests.
+
+Sections (all by default; pick with --sections):
+  load  throughput and p50/p99 latency from a closed-loop load generator on 127.0.0.1 against the HTTP
+        server (uvicorn, one process), for 1, 8 and 100 tenants in a random mix, batching on vs off.
+  cold  cold adapter load + verify + attach latency (prompt-tune, linear-probe, LoRA) and the warm
+        switch cost, in-process through the engine.
+  rss   resident memory of a server process with 1, 100 and 1,000 registered prompt adapters, before and
+        after each was served once.
+  soak  N requests with 5% bad inputs mixed in: crashes (5xx, dead server), wrong-tenant answers, RSS drift.
+
+The adapters are synthetic (adapt.serve.testing: the base's P0 of a category prompt plus a random
+offset), in the real file format; every tenant has its own key and may call only its own task.
+Examples (the figures in docs/serving.md come from these):
+    python benchmarks/serve_bench.py --base glip-nano --label glip-nano
+    python benchmarks/serve_bench.py --base /tmp/glip_t.safetensors --label GLIP-T --image-size 320 \
+        --requests 24 --concurrency 8 --soak-requests 200
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WORDS = ["fish", "shark", "penguin", "jellyfish", "starfish", "puffin", "stingray", "car", "bus", "truck",
+         "person", "dog", "cat", "bicycle", "traffic light", "boat", "kite", "umbrella", "chair", "bottle",
+         "airplane", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "tie"]
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def load_base(base: str):
+    from backbone.model import GLIP
+
+    return GLIP.from_pretrained(base).eval()
+
+
+def make_processor(config, image_size: int | None):
+    from adapt.serve.server import processor_for
+    from backbone.processor import GLIPProcessor
+
+    return processor_for(config, image_size) or GLIPProcessor.from_config(config)
+
+
+def tenant_categories(i: int) -> list[str]:
+    rng = random.Random(i)
+    return rng.sample(WORDS, rng.randint(2, 5))
+
+
+def prepare_workdir(args) -> dict:
+    """Adapters for 100 tenants (+ a LoRA and a linear probe), keys, images; returns the plan."""
+    import torch
+
+    from adapt.adapter import save_adapter
+    from adapt.serve.tenancy import hash_key
+    from adapt.serve.testing import image_bytes, make_adapter
+
+    work = Path(args.workdir)
+    adapters = work / "adapters"
+    adapters.mkdir(parents=True, exist_ok=True)
+    base = load_base(args.base)
+    processor = make_processor(base.config, args.image_size)
+    tenants = []
+    started = time.perf_counter()
+    for i in range(100):
+        task = f"tenant-{i:03d}"
+        cats = tenant_categories(i)
+        path = adapters / f"{task}.safetensors"
+        if not path.exists():
+            save_adapter(make_adapter(base, processor, task, cats, seed=i), path)
+        tenants.append({"task": task, "key": f"key-{task}", "categories": cats})
+    for strategy in ("lora", "linear-probe"):
+        path = adapters / f"{strategy}-task.safetensors"
+        if not path.exists():
+            save_adapter(make_adapter(base, processor, f"{strategy}-task", ["fish", "shark"], strategy=strategy),
+                         path)
+    # 1,000 registered prompt adapters for the memory figures: the 100 prompts with new offsets (no BERT run).
+    rss_dirs = {}
+    for count in (1, 100, 1000):
+        folder = work / f"rss-{count}"
+        folder.mkdir(exist_ok=True)
+        rss_dirs[count] = str(folder)
+        for j in range(count):
+            path = folder / f"p-{j:04d}.safetensors"
+            if path.exists():
+                continue
+            from adapt.adapter import load_adapter
+
+            template = load_adapter(adapters / f"tenant-{j % 100:03d}.safetensors")
+            g = torch.Generator().manual_seed(10_000 + j)
+            hidden = template.prompt.hidden + 0.05 * torch.randn(template.prompt.hidden.shape, generator=g)
+            template.prompt = type(template.prompt)(hidden, hidden.clone(), template.prompt.mask)
+            template.task = f"p-{j:04d}"
+            save_adapter(template, path)
+    keys = {"tenants": [{"name": t["task"], "key_sha256": hash_key(t["key"]), "tasks": [t["task"]]} for t in tenants],
+            "admins": [{"name": "ops", "key_sha256": hash_key("key-admin")}]}
+    (work / "keys.json").write_text(json.dumps(keys))
+    side = args.image_size or base.config.image.max_size
+    images = [image_bytes(side, side, seed=s) for s in range(8)]
+    print(f"prepared {work} in {time.perf_counter() - started:.1f} s (base {base.config.name}, images {side}x{side})",
+          flush=True)
+    return {"adapters": str(adapters), "tenants": tenants, "images": images, "rss_dirs": rss_dirs,
+            "keys": str(work / "keys.json")}
+
+
+# ------------------------------------------------------------------------------------------- the server
+
+
+def start_server(args, plan, *, max_batch: int, window_ms: float, port: int) -> subprocess.Popen:
+    config = {"max_batch": max_batch, "batch_window_ms": window_ms, "max_queue": 1024, "deadline_s": 600.0}
+    cmd = [sys.executable, __file__, "--child-server", json.dumps({
+        "base": args.base, "adapters": plan["adapters"], "keys": plan["keys"], "port": port,
+        "config": config, "image_size": args.image_size, "threads": args.threads})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def child_server(spec: dict) -> None:
+    import torch
+
+    from adapt.serve.engine import EngineConfig
+    from adapt.serve.server import load_keys, run_http
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    run_http(base=spec["base"], adapters_dir=spec["adapters"], engine_config=EngineConfig(**spec["config"]),
+             keys=load_keys(spec["keys"]), port=spec["port"], image_size=spec["image_size"], log_level="warning")
+
+
+# ----------------------------------------------------------------------------------------- load generator
+
+
+async def drive(url: str, jobs: list[dict], concurrency: int) -> list[dict]:
+    """Closed loop: `concurrency` clients send `jobs` in order; returns per-job status, latency, body."""
+    import httpx
+
+    results: list[dict | None] = [None] * len(jobs)
+    cursor = iter(range(len(jobs)))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def worker():
+            for index in cursor:
+                job = jobs[index]
+                start = time.perf_counter()
+                try:
+                    response = await client.request(job.get("method", "POST"), job["path"], **job["kwargs"])
+                    status, body = response.status_code, response.content
+                except httpx.HTTPError as error:
+                    status, body = -1, repr(error).encode()
+                results[index] = {"status": status, "seconds": time.perf_counter() - start, "body": body}
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def detect_job(tenant: dict, image: bytes) -> dict:
+    return {"path": f"/v1/tasks/{tenant['task']}/detect", "tenant": tenant,
+            "kwargs": {"files": {"image": ("x.png", image, "image/png")}, "data": {"threshold": "0.3"},
+                       "headers": {"Authorization": f"Bearer {tenant['key']}"}}}
+
+
+def run_load(url: str, plan: dict, tenants: int, requests: int, concurrency: int, seed: int, warmup: int) -> dict:
+    rng = random.Random(seed)
+    pool = plan["tenants"][:tenants]
+    # Warm-up: the model and a few adapters (a cold adapter load is ~ms, see [cold]; not worth 100 requests).
+    warm = [detect_job(rng.choice(pool), rng.choice(plan["images"])) for _ in range(warmup)]
+    asyncio.run(drive(url, warm, concurrency))
+    jobs = [detect_job(rng.choice(pool), rng.choice(plan["images"])) for _ in range(requests)]
+    started = time.perf_counter()
+    results = asyncio.run(drive(url, jobs, concurrency))
+    wall = time.perf_counter() - started
+    ok = [r for r in results if r["status"] == 200]
+    latencies = [r["seconds"] * 1000 for r in ok]
+    return {"tenants": tenants, "requests": requests, "ok": len(ok), "throughput_rps": len(ok) / wall,
+            "p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99)}
+
+
+def section_load(args, plan) -> dict:
+    out = {}
+    modes = {"on": (args.max_batch, args.window_ms), "off": (1, 0.0)}
+    for mode in args.modes.split(","):
+        max_batch, window = modes[mode]
+        port = free_port()
+        proc = start_server(args, plan, max_batch=max_batch, window_ms=window, port=port)
+        try:
+            for tenants in map(int, args.mixes.split(",")):
+                row = run_load(f"http://127.0.0.1:{port}", plan, tenants, args.requests, args.concurrency,
+                               seed=tenants, warmup=args.concurrency if args.warmup is None else args.warmup)
+                out[f"batching {mode}, {tenants} tenants"] = row
+                print(f"  batching {mode:<3} tenants {tenants:>3}: {row['throughput_rps']:7.2f} req/s  "
+                      f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  ({row['ok']}/{row['requests']} ok)",
+                      flush=True)
+        finally:
+            stop_server(proc)
+    if len(out) < 6:
+        return out
+    on1, on100 = out["batching on, 1 tenants"]["throughput_rps"], out["batching on, 100 tenants"]["throughput_rps"]
+    on8 = out["batching on, 8 tenants"]["throughput_rps"]
+    off_best = max(out[f"batching off, {t} tenants"]["throughput_rps"] for t in (1, 8, 100))
+    out["mixed/single (8 tenants)"] = on8 / on1
+    out["mixed/single (100 tenants)"] = on100 / on1
+    out["on/off (100 tenants)"] = on100 / out["batching off, 100 tenants"]["throughput_rps"]
+    print(f"  mixed-tenant / single-tenant batched throughput: 8 tenants {on8 / on1:.2f}x, 100 tenants "
+          f"{on100 / on1:.2f}x (target >= 0.9); batching on / off at 100 tenants: "
+          f"{out['on/off (100 tenants)']:.2f}x (best off {off_best:.2f} req/s)", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- in process
+
+
+def section_cold(args, plan) -> dict:
+    import torch
+
+    from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base(args.base)
+    engine = MultiTenantEngine(base, plan["adapters"], EngineConfig(cache_bytes=2**34),
+                               processor=make_processor(base.config, args.image_size))
+    names = [t["task"] for t in plan["tenants"]]
+    cold = []
+    for name in names:
+        start = time.perf_counter()
+        engine.pool.get(name)
+        cold.append((time.perf_counter() - start) * 1000)
+    other = {}
+    for name in ("lora-task", "linear-probe-task"):
+        times = []
+        for _ in range(5):
+            engine.pool.clear()
+            start = time.perf_counter()
+            engine.pool.get(name)
+            times.append((time.perf_counter() - start) * 1000)
+        other[name] = statistics.median(times)
+    hits = []
+    for name in names * 5:
+        start = time.perf_counter()
+        engine.pool.get(name)
+        hits.append((time.perf_counter() - start) * 1e6)
+    image = engine.prepare(plan["images"][0])
+    params = DetectParams(0.3, 100)
+
+    def latency(sequence: list[str]) -> list[float]:
+        times = []
+        for name in sequence:
+            start = time.perf_counter()
+            engine.run([(name, image, params)])
+            times.append((time.perf_counter() - start) * 1000)
+        return times[2:]
+
+    reps = args.switch_reps
+    for name in names[:2] + ["lora-task", "linear-probe-task"]:
+        engine.pool.get(name)
+    same = latency([names[0]] * reps)
+    switch = latency([names[i % 2] for i in range(reps)])
+    lora_same = latency(["lora-task"] * reps)
+    lora_switch = latency([("lora-task", "linear-probe-task")[i % 2] for i in range(reps)])
+    out = {"cold_prompt_p50_ms": pct(cold, 50), "cold_prompt_p99_ms": pct(cold, 99),
+           "cold_lora_ms": other["lora-task"], "cold_linear_probe_ms": other["linear-probe-task"],
+           "cache_hit_p50_us": pct(hits, 50),
+           "request_same_adapter_p50_ms": statistics.median(same),
+           "request_alternating_prompt_adapters_p50_ms": statistics.median(switch),
+           "request_same_lora_p50_ms": statistics.median(lora_same),
+           "request_alternating_lora_linear_probe_p50_ms": statistics.median(lora_switch)}
+    out["warm_switch_prompt_ms"] = out["request_alternating_prompt_adapters_p50_ms"] - out["request_same_adapter_p50_ms"]
+    print(f"  cold load+verify+attach: prompt-tune p50 {out['cold_prompt_p50_ms']:.2f} ms (p99 "
+          f"{out['cold_prompt_p99_ms']:.2f}; target p50 <= 5 ms), LoRA {out['cold_lora_ms']:.2f} ms, linear-probe "
+          f"{out['cold_linear_probe_ms']:.2f} ms; cache hit p50 {out['cache_hit_p50_us']:.1f} us", flush=True)
+    print(f"  warm switch: one request, same prompt adapter {out['request_same_adapter_p50_ms']:.1f} ms vs "
+          f"alternating two {out['request_alternating_prompt_adapters_p50_ms']:.1f} ms (switch cost "
+          f"{out['warm_switch_prompt_ms']:+.2f} ms); same LoRA {out['request_same_lora_p50_ms']:.1f} ms vs "
+          f"alternating LoRA/linear-probe {out['request_alternating_lora_linear_probe_p50_ms']:.1f} ms", flush=True)
+    return out
+
+
+def child_rss(spec: dict) -> None:
+    import gc
+
+    import torch
+
+    from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine
+    from adapt.serve.testing import image_bytes
+
+    torch.set_num_threads(spec.get("threads") or 1)
+    before_model = rss_mb()
+    base = load_base(spec["base"])
+    engine = MultiTenantEngine(base, spec["dir"], EngineConfig(), processor=make_processor(base.config,
+                                                                                             spec["image_size"]))
+    side = spec["image_size"] or base.config.image.max_size
+    image = engine.prepare(image_bytes(side, side))
+    names = engine.pool.names()
+    engine.run([(names[0], image, DetectParams(0.3, 100))])  # warm: activations allocated once
+    engine.pool.clear()
+    gc.collect()
+    base_rss = rss_mb()
+    registered = len(engine.pool.names())
+    registered_rss = rss_mb()
+    for name in names:
+        engine.pool.get(name)
+    gc.collect()
+    served_rss = rss_mb()
+    print(json.dumps({"process_before_model_mb": before_model, "base_mb": base_rss, "registered": registered,
+                      "registered_mb": registered_rss, "served_once_mb": served_rss,
+                      "cached_adapters": engine.pool.stats()["entries"], "cache_bytes": engine.pool.cached_bytes}))
+
+
+def section_rss(args, plan) -> dict:
+    out = {}
+    for count, folder in plan["rss_dirs"].items():
+        spec = {"base": args.base, "dir": folder, "image_size": args.image_size, "threads": args.threads}
+        line = subprocess.run([sys.executable, __file__, "--child-rss", json.dumps(spec)], check=True,
+                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        row = json.loads(line)
+        out[count] = row
+        print(f"  {count:>5} registered prompt adapters: base process {row['base_mb']:.0f} MiB; registered "
+              f"+{row['registered_mb'] - row['base_mb']:.1f} MiB ({(row['registered_mb'] / row['base_mb'] - 1):+.2%}); "
+              f"all served once (cached {row['cached_adapters']}, {row['cache_bytes'] / 2**20:.1f} MiB of tensors) "
+              f"+{row['served_once_mb'] - row['base_mb']:.1f} MiB ({(row['served_once_mb'] / row['base_mb'] - 1):+.2%})",
+              flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- soak
+
+
+def bad_job(kind: str, tenant: dict, other: dict, image: bytes, bomb: bytes) -> dict:
+    headers = {"Authorization": f"Bearer {tenant['key']}"}
+    path = f"/v1/tasks/{tenant['task']}/detect"
+    kwargs = {
+        "not_image": {"files": {"image": b"GIF89a but not really an image" * 20}, "headers": headers},
+        "truncated": {"files": {"image": image[: len(image) // 3]}, "headers": headers},
+        "bomb": {"files": {"image": bomb}, "headers": headers},
+        "oversized": {"content": b"\0" * (17 * 2**20), "headers": {**headers, "Content-Type": "application/json"}},
+        "malformed_json": {"content": b'{"image": ', "headers": {**headers, "Content-Type": "application/json"}},
+        "bad_key": {"files": {"image": image}, "headers": {"Authorization": "Bearer nope"}},
+    }
+    expected = {"not_image": 422, "truncated": 422, "bomb": 413, "oversized": 413, "malformed_json": 400,
+                "bad_key": 401, "foreign_task": 404}
+    if kind == "foreign_task":
+        return {"path": f"/v1/tasks/{other['task']}/detect", "expect": 404, "bad": kind,
+                "kwargs": {"files": {"image": image}, "headers": headers}}
+    return {"path": path, "expect": expected[kind], "bad": kind, "kwargs": kwargs[kind]}
+
+
+def section_soak(args, plan) -> dict:
+    from adapt.serve.testing import bomb_bytes
+
+    port = free_port()
+    proc = start_server(args, plan, max_batch=args.max_batch, window_ms=args.window_ms, port=port)
+    url = f"http://127.0.0.1:{port}"
+    rng = random.Random(7)
+    tenants = plan["tenants"]
+    versions = {}
+    for t in tenants:
+        import hashlib
+
+        versions[t["task"]] = hashlib.sha256(Path(plan["adapters"], f"{t['task']}.safetensors").read_bytes()
+                                             ).hexdigest()[:16]
+    bomb = bomb_bytes(6000)  # 36 Mpx, over the server's 25 Mpx default
+    kinds = ["not_image", "truncated", "bomb", "oversized", "malformed_json", "bad_key", "foreign_task"]
+    jobs = []
+    for i in range(args.soak_requests):
+        tenant = rng.choice(tenants)
+        image = rng.choice(plan["images"])
+        if rng.random() < 0.05:
+            other = rng.choice([t for t in tenants if t is not tenant])
+            jobs.append(bad_job(kinds[i % len(kinds)], tenant, other, image, bomb))
+        else:
+            job = detect_job(tenant, image)
+            job["expect"] = 200
+            jobs.append(job)
+    rss, results, crashed = [], [], False
+    chunk = max(50, args.soak_requests // 20)
+    started = time.perf_counter()
+    try:
+        for offset in range(0, len(jobs), chunk):
+            results += asyncio.run(drive(url, jobs[offset: offset + chunk], args.concurrency))
+            if proc.poll() is not None:
+                crashed = True
+                break
+            rss.append(rss_mb(proc.pid))
+        alive = proc.poll() is None
+        import httpx
+
+        healthy = alive and httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    finally:
+        wall = time.perf_counter() - started
+        stop_server(proc)
+    wrong_status = wrong_tenant = server_errors = 0
+    for job, result in zip(jobs, results):
+        if result["status"] >= 500 or result["status"] < 0:
+            server_errors += 1
+        if result["status"] != job["expect"]:
+            wrong_status += 1
+            continue
+        if job["expect"] == 200:
+            body = json.loads(result["body"])
+            task = job["tenant"]["task"]
+            if body["task"] != task or body["adapter_version"] != versions[task] or \
+                    not {d["category"] for d in body["detections"]} <= set(job["tenant"]["categories"]):
+                wrong_tenant += 1
+    bad = sum(1 for j in jobs if "bad" in j)
+    out = {"requests": len(jobs), "answered": len(results), "bad_inputs": bad, "seconds": wall,
+           "server_errors_5xx": server_errors, "unexpected_status": wrong_status, "wrong_tenant_answers": wrong_tenant,
+           "crashed": crashed or not healthy, "rss_mb_first": rss[0] if rss else None,
+           "rss_mb_last": rss[-1] if rss else None, "rss_mb_max": max(rss) if rss else None,
+           "rss_mb_after_10pct": rss[max(0, len(rss) // 10)] if rss else None}
+    print(f"  soak: {len(results)}/{len(jobs)} answered in {wall:.0f} s ({bad} bad inputs): 5xx {server_errors}, "
+          f"unexpected status {wrong_status}, wrong-tenant answers {wrong_tenant}, crashed {out['crashed']}; "
+          f"server RSS {out['rss_mb_first']:.0f} -> {out['rss_mb_last']:.0f} MiB (max {out['rss_mb_max']:.0f}, "
+          f"after 10% {out['rss_mb_after_10pct']:.0f})", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="glip-nano", help="checkpoint name or path")
+    parser.add_argument("--label", default=None, help="name printed with the figures")
+    parser.add_argument("--image-size", type=int, default=None, help="square resize (default: the base config's)")
+    parser.add_argument("--workdir", default=None, help="adapters, keys (default: a temporary folder)")
+    parser.add_argument("--sections", default="load,cold,rss,soak")
+    parser.add_argument("--requests", type=int, default=200, help="requests per load configuration")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--modes", default="on,off", help="batching modes to load-test")
+    parser.add_argument("--mixes", default="1,8,100", help="tenant counts to load-test")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up requests per mix (default: concurrency)")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--soak-requests", type=int, default=10_000)
+    parser.add_argument("--switch-reps", type=int, default=22)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--child-server", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_server:
+        return child_server(json.loads(args.child_server))
+    if args.child_rss:
+        return child_rss(json.loads(args.child_rss))
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="serve-bench-")
+    print(f"serve_bench {args.label or args.base}: {os.cpu_count()} CPUs, torch threads {args.threads}, "
+          f"max_batch {args.max_batch}, window {args.window_ms} ms, concurrency {args.concurrency}", flush=True)
+    plan = prepare_workdir(args)
+    figures = {}
+    for section in args.sections.split(","):
+        print(f"[{section}]", flush=True)
+        figures[section] = {"load": section_load, "cold": section_cold, "rss": section_rss,
+                            "soak": section_soak}[section](args, plan)
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
