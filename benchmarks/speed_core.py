@@ -39,9 +39,11 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
 
     torch.set_num_threads(threads)
     model = GLIP.from_pretrained(weights).eval().to(device)
-    for module in model.modules():
-        if hasattr(module, "deform_impl"):
-            module.deform_impl = deform_impl
+    if deform_impl != "config":  # override the checkpoint config's choice, to compare implementations
+        for module in model.modules():
+            if hasattr(module, "deform_impl"):
+                module.deform_impl = deform_impl
+    deform_impl = model.config.dyhead.deform_impl if deform_impl == "config" else deform_impl
     processor = GLIPProcessor.from_config(model.config)
     postprocessor = Postprocessor(model.config.postprocess)
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -98,7 +100,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "glip-adapt-bench")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument("--deform-impl", default="torchvision", choices=["torchvision", "im2col"])
+    parser.add_argument("--deform-impl", default="config", choices=["config", "torchvision", "im2col"])
     parser.add_argument("--sizes", nargs="*", type=int, default=[320, 800], help="shorter sides to run")
     parser.add_argument("--worker", nargs=4, metavar=("WEIGHTS", "CASE", "H", "W"), help=argparse.SUPPRESS)
     args = parser.parse_args()
