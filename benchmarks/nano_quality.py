@@ -8,7 +8,7 @@ Protocols (COCOeval bbox, test split of each task):
   held-in, all-chunked: the same images prompted with all 506 pretraining categories, run as chunks of
       at most 256 tokens and merged before NMS (LVIS-style);
   zero-shot: each downstream icon task (held-out categories) with its own prompt.
-Each figure is reproduced by `adapt eval --base MODEL --task TASK --protocol PROTOCOL`.
+Each figure is reproduced by `adapt eval --base MODEL --task TASK --split test --protocol PROTOCOL`.
 """
 from __future__ import annotations
 
