@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from backbone.loss import GroundingLoss, GroundingTarget
 from backbone.model import GLIP
 from backbone.outputs import HeadOutputs, PromptFeatures
-from backbone.processor import GLIPProcessor, TokenizedPrompt
+from backbone.processor import GLIPProcessor, TokenizedPrompt, rescale_boxes
 
 # (caption, per-box list of (beg, end) spans) for one sample
 PromptBuilder = Callable[[dict], tuple[str, list[list[tuple[int, int]]]]]
@@ -71,8 +71,8 @@ class GroundingCollator:
             else:
                 raise ValueError("a detection sample needs a prompt builder: pass build_prompt to GroundingCollator")
             prompt, positive = tokenize_sample(self.processor, caption, spans)
-            scale = torch.tensor([size[1] / original[1], size[0] / original[0]] * 2)
-            boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4) * scale
+            boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+            boxes = rescale_boxes(boxes, original, size)  # original pixels -> network input
             prompts.append(prompt)
             targets.append(GroundingTarget(boxes=boxes, positive_map=positive))
         length = max(p.num_tokens for p in prompts)

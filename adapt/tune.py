@@ -94,21 +94,24 @@ class AdaptDataset:
         return {"image": image, "boxes": boxes, "labels": target["labels"], "key": (image_id, view)}
 
 
+def backbone_levels(glip: GLIP):
+    """`(pixels (1, 3, H, W), image_size) -> levels`: the frozen backbone + FPN on one image."""
+    return lambda pixels, size: glip.encode_images(pixels, [size]).levels
+
+
 class AdaptCollator:
     def __init__(self, processor: GLIPProcessor, positive_map: Tensor, glip: GLIP, frozen_visual: bool,
                  cache: FeatureCache | None):
-        self.processor, self.positive_map, self.glip = processor, positive_map, glip
+        self.processor, self.positive_map = processor, positive_map
         self.frozen_visual, self.cache = frozen_visual, cache
-
-    def _levels(self, pixels: Tensor, size: tuple[int, int]) -> list[Tensor]:
-        return self.glip.encode_images(pixels, [size]).levels
+        self.compute_levels = cache.compute if cache is not None else backbone_levels(glip)
 
     def __call__(self, samples: list[dict]) -> AdaptBatch:
         batch = self.processor.preprocess([s["image"] for s in samples])
         targets = []
         for sample, size, original in zip(samples, batch.image_sizes, batch.original_sizes):
-            scale = torch.tensor([size[1] / original[1], size[0] / original[0]] * 2)
-            targets.append(GroundingTarget(boxes=sample["boxes"] * scale, positive_map=self.positive_map[sample["labels"]]))
+            boxes = rescale_boxes(sample["boxes"], original, size)  # original pixels -> network input
+            targets.append(GroundingTarget(boxes=boxes, positive_map=self.positive_map[sample["labels"]]))
         if not self.frozen_visual:
             return AdaptBatch(batch.image_sizes, targets, pixel_values=batch.pixel_values)
         levels = []
@@ -118,7 +121,7 @@ class AdaptCollator:
                 levels.append(self.cache.get(sample["key"], pixels, size))
             else:
                 with torch.no_grad():
-                    levels.append(self._levels(pixels, size))
+                    levels.append(self.compute_levels(pixels, size))
         return AdaptBatch(batch.image_sizes, targets, visual_levels=stack_levels(levels))
 
 
@@ -184,7 +187,7 @@ def tune(config: TuneConfig) -> dict:
     report["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report["trainable_tensors"] = len(trainable)
     use_cache = config.cache_features and model.frozen_visual
-    cache = FeatureCache(lambda pixels, size: glip.encode_images(pixels, [size]).levels) if use_cache else None
+    cache = FeatureCache(backbone_levels(glip)) if use_cache else None
     views = ("identity", "hflip") if config.augment else ("identity",)
     dataset = AdaptDataset(train_split, image_ids, views)
     collate = AdaptCollator(processor, prompt.positive_map, glip, model.frozen_visual, cache)

@@ -33,8 +33,8 @@ class PromptFeatures:
         return self.hidden.shape[1]
 
     def to(self, *args, **kwargs) -> "PromptFeatures":
-        return PromptFeatures(self.hidden.to(*args, **kwargs), self.embedded.to(*args, **kwargs),
-                              self.mask.to(device=self.hidden.to(*args, **kwargs).device))
+        hidden = self.hidden.to(*args, **kwargs)
+        return PromptFeatures(hidden, self.embedded.to(*args, **kwargs), self.mask.to(device=hidden.device))
 
     def detach(self) -> "PromptFeatures":
         return PromptFeatures(self.hidden.detach(), self.embedded.detach(), self.mask)
