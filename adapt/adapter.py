@@ -2,7 +2,9 @@
 
 Layout (format version 1). Tensors:
   prompt.hidden                    (1, T, D) float  P0 of the task prompt, with any prompt-tuning offset applied
-                                                    (GLIP's `embedded` = hidden x mask is rebuilt on load)
+                                                    (GLIP's `embedded` = hidden x mask is rebuilt on load);
+                                                    float32, or float16/bfloat16 when saved with prompt_dtype
+                                                    (half the bytes; read back as float32)
   prompt.mask                      (1, T) int64
   prompt.positive_map              (C, T) uint8     tokens of each category (1 = positive)
   prompt.input_ids                 (1, T) int64     the tokenized prompt (to recompute P0 with a tuned BERT)
@@ -68,9 +70,10 @@ class Adapter:
         """True when the adapter changes no base weight (its requests can share a batch with other tasks)."""
         return self.strategy in PROMPT_ONLY
 
-    def tensors(self) -> dict[str, Tensor]:
+    def tensors(self, prompt_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         # With real tokens only, `embedded` (= hidden x mask) equals `hidden`: store one, rebuild the other.
-        out = {"prompt.hidden": self.prompt.hidden, "prompt.mask": self.prompt.mask}
+        hidden = self.prompt.hidden if prompt_dtype is None else self.prompt.hidden.to(prompt_dtype)
+        out = {"prompt.hidden": hidden, "prompt.mask": self.prompt.mask}
         out["prompt.positive_map"] = self.positive_map.to(torch.uint8)
         out["prompt.input_ids"] = self.input_ids.long()
         out.update({f"weights.{k}": v for k, v in self.weights.items()})
@@ -88,16 +91,25 @@ class Adapter:
         }
 
 
-def save_adapter(adapter: Adapter, path: str | Path) -> Path:
-    """Write atomically: a crash leaves either the old file or the new one, never half of one."""
+PROMPT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_adapter(adapter: Adapter, path: str | Path, prompt_dtype: str | None = None) -> Path:
+    """Write atomically: a crash leaves either the old file or the new one, never half of one.
+
+    `prompt_dtype` ("float16"/"bfloat16") stores P0 at half width: a prompt adapter on GLIP-T is then half the
+    bytes, and the scores move by the rounding of P0 (about 1e-3 relative; see benchmarks/adapter_size.py)."""
     path = Path(path)
     if adapter.strategy not in STRATEGIES:
         raise AdapterError(f"unknown strategy {adapter.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if prompt_dtype is not None and prompt_dtype not in PROMPT_DTYPES:
+        raise AdapterError(f"prompt_dtype {prompt_dtype!r} is not one of {', '.join(PROMPT_DTYPES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(adapter.tensors(), tmp, metadata=adapter.metadata())
+        dtype = PROMPT_DTYPES[prompt_dtype] if prompt_dtype else None
+        save_file(adapter.tensors(dtype), tmp, metadata=adapter.metadata())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -160,6 +172,8 @@ def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None
 
 
 def _prompt_features(hidden: Tensor, mask: Tensor) -> PromptFeatures:
+    if hidden.is_floating_point() and hidden.dtype != torch.float32:
+        hidden = hidden.float()  # stored at half width to save bytes; computed with in float32
     mask = mask.long()
     return PromptFeatures(hidden, hidden * mask.unsqueeze(-1).to(hidden.dtype), mask)
 

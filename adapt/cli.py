@@ -124,6 +124,8 @@ def _tune_command(strategy: str):
         cache: Annotated[bool, typer.Option(help="cache frozen backbone+FPN features across epochs")] = True,
         augment: Annotated[bool, typer.Option(help="also train on horizontally flipped views")] = False,
         eval_limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N images only")] = None,
+        prompt_dtype: Annotated[Optional[str], typer.Option(
+            help="store P0 in the adapter as float16 or bfloat16 (half the bytes)")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
     ) -> None:
         from adapt.adapter import AdapterError
@@ -137,7 +139,8 @@ def _tune_command(strategy: str):
         try:
             result = tune(TuneConfig(strategy=strategy, task=task, base=base, shots=shots, seed=seed, steps=steps,
                                      epochs=epochs, lr=lr, batch_size=batch_size, out=out_path, cache_features=cache,
-                                     augment=augment, eval_limit=eval_limit, data_root=_data_root()))
+                                     augment=augment, eval_limit=eval_limit, prompt_dtype=prompt_dtype,
+                                     data_root=_data_root()))
         except (ValueError, KeyError, FileNotFoundError, PermissionError, AdapterError) as error:
             fail(str(error).strip('"'))
         _print_tune(result)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adapt.adapter import Adapter, base_fingerprint, save_adapter
+from adapt.adapter import PROMPT_DTYPES, Adapter, base_fingerprint, save_adapter
 from adapt.cache import FeatureCache, stack_levels
 from adapt.evaluation import evaluate, task_prompt
 from adapt.strategies import STRATEGIES, AdaptBatch, AdaptedGLIP, LoRA
@@ -48,10 +49,14 @@ class TuneConfig:
     cache_features: bool = field(default=True, metadata={"help": "cache frozen backbone+FPN features"})
     augment: bool = field(default=False, metadata={"help": "cache/train a horizontally flipped view too"})
     eval_every: int | None = field(default=None, metadata={"help": "valid-split evaluation every N steps"})
+    validate: bool = field(default=True, metadata={"help": "keep the checkpoint with the best valid-split AP "
+                                                           "(off: keep the last one; saves the valid evaluations)"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the base before training"})
     out: Path | None = field(default=None, metadata={"help": "adapter file to write"})
     run_dir: Path | None = field(default=None, metadata={"help": "checkpoints and logs (default: a temp folder)"})
     data_root: Path | None = None
+    prompt_dtype: str | None = field(default=None, metadata={"help": "store P0 as float16/bfloat16 (half the "
+                                                                         "bytes of a prompt adapter)"})
     lora_r: int = 8
     lora_alpha: float = 16.0
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N images only"})
@@ -161,6 +166,8 @@ def tune(config: TuneConfig) -> dict:
     started = time.perf_counter()
     if config.out is not None:
         _check_writable(Path(config.out).parent)
+    if config.prompt_dtype is not None and config.prompt_dtype not in PROMPT_DTYPES:
+        raise ValueError(f"--prompt-dtype {config.prompt_dtype!r} is not one of {', '.join(PROMPT_DTYPES)}")
     task = get_task(config.task, data_root=config.data_root)
     train_split = task.split("train")
     subset = sample_few_shot(train_split, config.shots, config.seed) if config.shots else None
@@ -168,7 +175,7 @@ def tune(config: TuneConfig) -> dict:
     if not image_ids:
         raise ValueError(f"task {task.name!r} has no training images")
     test_split = task.split(task.eval_split)
-    valid_split = task.split("valid") if "valid" in task.splits else None
+    valid_split = task.split("valid") if config.validate and "valid" in task.splits else None
 
     glip = GLIP.from_pretrained(config.base)
     fingerprint = base_fingerprint(glip)
@@ -214,10 +221,14 @@ def tune(config: TuneConfig) -> dict:
     trainer = Trainer(model, train_config, _loss_fn(), dataset, collate_fn=collate,
                       eval_fn=eval_fn if valid_split is not None else None)
     train_started = time.perf_counter()
-    result = trainer.fit(resume=False)
-    train_seconds = time.perf_counter() - train_started
-    if result.best_path is not None and Path(result.best_path).exists():
-        load_trainable(model, result.best_path)
+    try:
+        result = trainer.fit(resume=False)
+        train_seconds = time.perf_counter() - train_started
+        if result.best_path is not None and Path(result.best_path).exists():
+            load_trainable(model, result.best_path)
+    finally:
+        if config.run_dir is None:  # a temp folder of ours: the adapter file is the result, not the checkpoints
+            shutil.rmtree(run_dir, ignore_errors=True)
     model.eval()
     report["tuned"] = _metrics(evaluate(None, test_split, limit=config.eval_limit, detect_fn=detect_fn))
     report["timings"] = {"train_s": round(train_seconds, 2), "step_s": round(train_seconds / max(result.step, 1), 4),
@@ -226,7 +237,7 @@ def tune(config: TuneConfig) -> dict:
 
     adapter = make_adapter(model, task, prompt, config, fingerprint, report)
     if config.out is not None:
-        save_adapter(adapter, config.out)
+        save_adapter(adapter, config.out, prompt_dtype=config.prompt_dtype)
         report["adapter"] = {"path": str(config.out), "bytes": Path(config.out).stat().st_size}
     report["timings"]["total_s"] = round(time.perf_counter() - started, 2)
     return report

@@ -1,7 +1,10 @@
 """Strategy curves: AP vs shots for each strategy, task and base model (the paper's Fig. 4/7, on the icon suite).
 
     python benchmarks/curves.py --preset quick --out benchmarks/results/curves-quick
-    python benchmarks/curves.py --preset full  --out benchmarks/results/curves-full
+    # full: two 1-thread shards in parallel, then merge
+    python benchmarks/curves.py --preset full --threads 1 --shard 0/2 --out runs/curves-full-0 &
+    python benchmarks/curves.py --preset full --threads 1 --shard 1/2 --out runs/curves-full-1
+    python benchmarks/curves.py --combine runs/curves-full-0 runs/curves-full-1 --out benchmarks/results/curves-full
 
 Writes results.csv (one row per run), table.md and curves.png into --out; resumable (finished runs in
 results.csv are skipped). Shots 0 is the zero-shot base with the task prompt.
@@ -14,15 +17,17 @@ import json
 import time
 from pathlib import Path
 
+# Step counts and evaluation sizes are set so each preset fits its time budget on a 2-core CPU (quick: <= 30 min
+# with 2 threads; full: <= 150 min as two 1-thread shards). Batch 4; the LR per strategy is adapt.tune's default.
 PRESETS = {
     "quick": {"models": ["glip-nano", "glip-nano-a"], "tasks": ["icons-aquarium", "icons-described"],
               "shots": [0, 1, 10], "seeds": [0], "strategies": ["linear-probe", "prompt-tune", "lora", "finetune"],
-              "eval_limit": 100, "steps": {1: 60, 10: 120}},
+              "eval_limit": 100, "steps": {1: 60, 10: 120}, "validate": True},
     "full": {"models": ["glip-nano", "glip-nano-a"],
              "tasks": ["icons-aquarium", "icons-vehicles", "icons-thermal", "icons-aerial", "icons-described"],
              "shots": [0, 1, 3, 5, 10, None], "seeds": [0, 1, 2],
-             "strategies": ["linear-probe", "prompt-tune", "lora", "finetune"], "eval_limit": None,
-             "steps": {1: 100, 3: 150, 5: 200, 10: 250, None: 400}},
+             "strategies": ["linear-probe", "prompt-tune", "lora", "finetune"], "eval_limit": 50,
+             "steps": {1: 20, 3: 30, 5: 40, 10: 50, None: 60}, "validate": False},
 }
 FIELDS = ["model", "task", "strategy", "shots", "seed", "AP", "AP50", "zero_shot_AP", "train_s", "step_s",
           "trainable_parameters", "adapter_bytes"]
@@ -32,7 +37,36 @@ def shots_label(shots) -> str:
     return "full" if shots is None else str(shots)
 
 
-def run_all(preset: dict, out: Path, data_root: Path | None) -> list[dict]:
+def plan(preset: dict) -> list[tuple]:
+    """Every run of a preset as (model, task, strategy, shots, seed); shots 0 is the zero-shot base."""
+    jobs = []
+    for model in preset["models"]:
+        for task in preset["tasks"]:
+            for shots in preset["shots"]:
+                if shots == 0:
+                    jobs.append((model, task, "zero-shot", 0, 0))
+                    continue
+                for seed in preset["seeds"]:
+                    jobs += [(model, task, strategy, shots, seed) for strategy in preset["strategies"]]
+    return jobs
+
+
+def shard_jobs(jobs: list[tuple], preset: dict, count: int) -> list[list[tuple]]:
+    """Split jobs into `count` shards of similar estimated cost (a fine-tuning step costs ~4 frozen-core steps;
+    an evaluation ~10 steps), greedily, in plan order."""
+    shards, loads = [[] for _ in range(count)], [0.0] * count
+    for job in jobs:
+        strategy, shots = job[2], job[3]
+        cost = 10.0 if strategy == "zero-shot" else 10.0 + preset["steps"][shots] * (4.0 if strategy == "finetune" else 1.0)
+        lightest = loads.index(min(loads))
+        shards[lightest].append(job)
+        loads[lightest] += cost
+    return shards
+
+
+def run_all(preset: dict, out: Path, data_root: Path | None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run this shard's share of the plan (every n-th job, so shards get a similar mix of cheap and costly
+    runs), appending each finished run to out/results.csv; runs already there are skipped."""
     from adapt.evaluation import evaluate
     from adapt.tune import TuneConfig, tune
     from backbone.detector import GLIPDetector
@@ -45,44 +79,46 @@ def run_all(preset: dict, out: Path, data_root: Path | None) -> list[dict]:
 
     def save(row: dict) -> None:
         rows.append({k: row.get(k, "") for k in FIELDS})
-        with open(csv_path, "w", newline="") as handle:
+        partial = csv_path.with_suffix(".csv.partial")
+        with open(partial, "w", newline="") as handle:
             writer = csv.DictWriter(handle, FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        partial.replace(csv_path)
 
-    for model in preset["models"]:
-        for task in preset["tasks"]:
-            zero = None
-            for shots in preset["shots"]:
-                for seed in (preset["seeds"] if shots != 0 else [0]):
-                    for strategy in (preset["strategies"] if shots != 0 else ["zero-shot"]):
-                        key = (model, task, strategy, shots_label(shots), str(seed))
-                        if key in done:
-                            continue
-                        started = time.perf_counter()
-                        if shots == 0:
-                            split = get_task(task, data_root=data_root).split("test")
-                            metrics = evaluate(GLIPDetector.from_pretrained(model), split,
-                                               limit=preset["eval_limit"])
-                            zero = metrics["AP"]
-                            save({"model": model, "task": task, "strategy": "zero-shot", "shots": "0", "seed": 0,
-                                  "AP": round(metrics["AP"], 2), "AP50": round(metrics["AP50"], 2),
-                                  "zero_shot_AP": round(metrics["AP"], 2)})
-                            continue
-                        report = tune(TuneConfig(
-                            strategy=strategy, task=task, base=model, shots=shots, seed=seed,
-                            steps=preset["steps"][shots], eval_limit=preset["eval_limit"], zero_shot=False,
-                            data_root=data_root, progress=False, out=out / "adapters" / f"{model}-{task}-{strategy}-"
-                                                                                      f"{shots_label(shots)}-{seed}.safetensors"))
-                        save({"model": model, "task": task, "strategy": strategy, "shots": shots_label(shots),
-                              "seed": seed, "AP": round(report["tuned"]["AP"], 2),
-                              "AP50": round(report["tuned"]["AP50"], 2), "zero_shot_AP": zero,
-                              "train_s": report["timings"]["train_s"], "step_s": report["timings"]["step_s"],
-                              "trainable_parameters": report["trainable_parameters"],
-                              "adapter_bytes": report["adapter"]["bytes"]})
-                        print(f"{model} {task} {strategy} {shots_label(shots)}-shot seed {seed}: "
-                              f"AP {report['tuned']['AP']:.1f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    index, count = shard
+    for model, task, strategy, shots, seed in shard_jobs(plan(preset), preset, count)[index]:
+        if (model, task, strategy, shots_label(shots), str(seed)) in done:
+            continue
+        started = time.perf_counter()
+        if shots == 0:
+            split = get_task(task, data_root=data_root).split("test")
+            metrics = evaluate(GLIPDetector.from_pretrained(model), split, limit=preset["eval_limit"])
+            save({"model": model, "task": task, "strategy": "zero-shot", "shots": "0", "seed": 0,
+                  "AP": round(metrics["AP"], 2), "AP50": round(metrics["AP50"], 2)})
+            print(f"{model} {task} zero-shot: AP {metrics['AP']:.1f}", flush=True)
+            continue
+        adapter_path = out / "adapters" / f"{model}-{task}-{strategy}-{shots_label(shots)}-{seed}.safetensors"
+        report = tune(TuneConfig(
+            strategy=strategy, task=task, base=model, shots=shots, seed=seed, steps=preset["steps"][shots],
+            eval_limit=preset["eval_limit"], validate=preset["validate"], zero_shot=False, data_root=data_root,
+            progress=False, out=adapter_path))
+        if strategy == "finetune":  # a full weight set per run would fill the disk; its size is in the row
+            adapter_path.unlink()
+        save({"model": model, "task": task, "strategy": strategy, "shots": shots_label(shots), "seed": seed,
+              "AP": round(report["tuned"]["AP"], 2), "AP50": round(report["tuned"]["AP50"], 2),
+              "train_s": report["timings"]["train_s"], "step_s": report["timings"]["step_s"],
+              "trainable_parameters": report["trainable_parameters"],
+              "adapter_bytes": report["adapter"]["bytes"]})
+        print(f"{model} {task} {strategy} {shots_label(shots)}-shot seed {seed}: "
+              f"AP {report['tuned']['AP']:.1f} ({time.perf_counter() - started:.0f} s)", flush=True)
     return rows
+
+
+def fill_zero_shot(rows: list[dict]) -> list[dict]:
+    """Give every row its task's zero-shot AP (shards run the zero-shot evaluation once, in one shard)."""
+    zero = {(r["model"], r["task"]): r["AP"] for r in rows if r["strategy"] == "zero-shot"}
+    return [{**r, "zero_shot_AP": zero.get((r["model"], r["task"]), "")} for r in rows]
 
 
 def summarise(rows: list[dict], out: Path) -> None:
@@ -160,6 +196,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", nargs="*", help="override the preset's base models")
     parser.add_argument("--tasks", nargs="*", help="override the preset's tasks")
+    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job starting at I (parallel shards "
+                                                      "write separate --out folders; merge them with --combine)")
     parser.add_argument("--combine", nargs="*", type=Path,
                         help="only summarise: merge the results.csv of these run folders into --out")
     args = parser.parse_args()
@@ -175,14 +213,16 @@ def main() -> None:
     out = args.out or Path("benchmarks/results") / f"curves-{args.preset}"
     started = time.perf_counter()
     if args.combine:
-        rows = [row for folder in args.combine for row in csv.DictReader((folder / "results.csv").open())]
+        rows = fill_zero_shot([row for folder in args.combine
+                               for row in csv.DictReader((folder / "results.csv").open())])
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "results.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, FIELDS)
             writer.writeheader()
             writer.writerows(rows)
     else:
-        rows = run_all(preset, out, args.data_root)
+        index, count = (int(part) for part in args.shard.split("/"))
+        rows = fill_zero_shot(run_all(preset, out, args.data_root, (index, count)))
     summarise(rows, out)
     print((out / "table.md").read_text())
     print(json.dumps({"runs": len(rows), "wall_s": round(time.perf_counter() - started, 1), "out": str(out)}))

@@ -126,6 +126,40 @@ def test_feature_cache_gives_the_same_training_result(workspace):
     assert with_cache["tuned"]["AP"] == pytest.approx(without["tuned"]["AP"], abs=1e-4)
 
 
+def test_half_width_prompt_halves_the_file_and_keeps_the_detections(workspace, tmp_path):
+    from adapt.adapter import save_adapter
+
+    path = workspace / "prompt-tune.safetensors"
+    full = load_adapter(path if path.exists() else run(workspace, "prompt-tune", zero_shot=False)["adapter"]["path"])
+    # widen the prompt so P0 dominates the file, as it does on GLIP-T (768 wide)
+    wide = torch.randn(1, full.prompt.length, 2048)
+    full.prompt = type(full.prompt)(wide, wide.clone(), full.prompt.mask)
+    sizes = {dtype: save_adapter(full, tmp_path / f"{dtype}.safetensors", prompt_dtype=dtype).stat().st_size
+             for dtype in ("float32", "float16")}
+    assert sizes["float16"] < 0.6 * sizes["float32"]
+    half = load_adapter(tmp_path / "float16.safetensors")
+    assert half.prompt.hidden.dtype == torch.float32
+    torch.testing.assert_close(half.prompt.hidden, wide, rtol=1e-3, atol=1e-3)
+    assert not torch.equal(half.prompt.hidden, wide)  # it really was rounded
+    with pytest.raises(AdapterError, match="prompt_dtype"):
+        save_adapter(full, tmp_path / "bad.safetensors", prompt_dtype="int8")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_half_width_prompt_adapter_detects_like_the_full_one(workspace, tmp_path):
+    report = run(workspace, "prompt-tune", zero_shot=False, out=tmp_path / "half.safetensors", prompt_dtype="float16")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "half.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("prompt.hidden").dtype == torch.float16
+    detector = AdapterDetector.load(tmp_path / "half.safetensors")
+    from adapt.evaluation import evaluate
+    from tasks import get_task
+
+    again = evaluate(None, get_task(TASK, data_root=workspace / "data").split("test"), detect_fn=detector.detect_fn())
+    assert again["AP"] == pytest.approx(report["tuned"]["AP"], abs=1.0)  # fp16 rounding of P0 only
+
+
 def test_adapter_for_another_base_or_strategy_is_refused(workspace):
     path = workspace / "prompt-tune.safetensors"
     if not path.exists():
