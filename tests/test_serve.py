@@ -441,3 +441,12 @@ def test_cli_serve_refuses_bad_settings_before_loading(tmp_path):
                           (["--keys", str(plain)], "plain-text")]:
         result = runner.invoke(app, ["serve", "--adapters", str(tmp_path), *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_steady_malloc_pins_glibc_allocator_settings():
+    import platform
+
+    from adapt.serve.server import steady_malloc
+
+    # On glibc the settings must take (mallopt returns 1); elsewhere the call reports that it did nothing.
+    assert steady_malloc() is (platform.libc_ver()[0] == "glibc")

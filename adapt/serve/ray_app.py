@@ -57,8 +57,11 @@ class AdapterModel:
     def __init__(self, base: str, adapters_dir: str, engine_config: dict, threads: int | None = None):
         import torch
 
+        from adapt.serve.server import steady_malloc
+
         if threads:
             torch.set_num_threads(threads)
+        steady_malloc()
         self.engine = MultiTenantEngine.from_pretrained(base, adapters_dir, EngineConfig(**engine_config)).start()
 
     @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
