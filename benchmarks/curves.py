@@ -158,6 +158,14 @@ def summarise(rows: list[dict], out: Path) -> None:
                         v = value(model, task, strategy, shots)
                     cells.append("" if v is None else f"{v:.1f}")
                 lines.append(f"| {model} | {task} | {strategy} | " + " | ".join(cells) + " |")
+    # Sanity bar: at 10 shots, prompt tuning beats zero-shot on every task (mean over seeds).
+    lines += ["", "Sanity bar (10-shot prompt tuning vs zero-shot, mean over seeds):", ""]
+    for model in models:
+        for task in tasks:
+            zero, tuned = value(model, task, "prompt-tune", "0"), value(model, task, "prompt-tune", "10")
+            if zero is not None and tuned is not None:
+                lines.append(f"- {model} {task}: {zero:.1f} -> {tuned:.1f} AP "
+                             f"({'beats' if tuned > zero else 'does NOT beat'} zero-shot)")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
     panels = tasks + ["average"]
