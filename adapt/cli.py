@@ -109,6 +109,13 @@ def _data_root() -> Optional[Path]:
     return Path(os.environ["ADAPT_DATA"]) if os.environ.get("ADAPT_DATA") else None
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        fail(f"{option} takes comma-separated numbers, e.g. 0.8,1; got {text!r}")
+
+
 def _tune_command(strategy: str):
     def command(
         task: Annotated[str, typer.Option(help="task name (see `adapt tasks list`) or task file")],
@@ -123,6 +130,8 @@ def _tune_command(strategy: str):
         report: Annotated[Optional[Path], typer.Option(help="write metrics, timings and paths here (JSON)")] = None,
         cache: Annotated[bool, typer.Option(help="cache frozen backbone+FPN features across epochs")] = True,
         augment: Annotated[bool, typer.Option(help="also train on horizontally flipped views")] = False,
+        scales: Annotated[str, typer.Option(help="training scales as fractions of the input size, e.g. 0.8,1 "
+                                                 "(each is a fixed, cached view)")] = "1",
         eval_limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N images only")] = None,
         prompt_dtype: Annotated[Optional[str], typer.Option(
             help="store P0 in the adapter as float16 or bfloat16 (half the bytes)")] = None,
@@ -139,7 +148,8 @@ def _tune_command(strategy: str):
         try:
             result = tune(TuneConfig(strategy=strategy, task=task, base=base, shots=shots, seed=seed, steps=steps,
                                      epochs=epochs, lr=lr, batch_size=batch_size, out=out_path, cache_features=cache,
-                                     augment=augment, eval_limit=eval_limit, prompt_dtype=prompt_dtype,
+                                     augment=augment, scales=_floats(scales, "--scales"), eval_limit=eval_limit,
+                                     prompt_dtype=prompt_dtype,
                                      data_root=_data_root()))
         except (ValueError, KeyError, FileNotFoundError, PermissionError, AdapterError) as error:
             fail(str(error).strip('"'))

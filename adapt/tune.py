@@ -48,6 +48,9 @@ class TuneConfig:
     weight_decay: float | None = None
     cache_features: bool = field(default=True, metadata={"help": "cache frozen backbone+FPN features"})
     augment: bool = field(default=False, metadata={"help": "cache/train a horizontally flipped view too"})
+    scales: tuple[float, ...] = field(default=(1.0,), metadata={
+        "help": "training scales, as fractions of the model's input short side (each scale is a cached view; "
+                "with augment, also flipped)"})
     eval_every: int | None = field(default=None, metadata={"help": "valid-split evaluation every N steps"})
     validate: bool = field(default=True, metadata={"help": "keep the checkpoint with the best valid-split AP "
                                                            "(off: keep the last one; saves the valid evaluations)"})
@@ -77,26 +80,40 @@ def task_tokens(processor: GLIPProcessor, categories) -> TokenizedPrompt:
     return prompts[0]
 
 
-class AdaptDataset:
-    """Training samples of a (few-shot) split; index i is image i % n in augmentation view (i // n) % views."""
+def training_views(scales=(1.0,), flip: bool = False) -> tuple[tuple[float, bool], ...]:
+    """The fixed augmented views of every training image: (scale, horizontal flip) pairs."""
+    if not scales or any(not 0.25 <= s <= 2.0 for s in scales):
+        raise ValueError(f"training scales {tuple(scales)} must be fractions of the input size in [0.25, 2]")
+    return tuple((float(scale), flipped) for scale in scales for flipped in ((False, True) if flip else (False,)))
 
-    def __init__(self, split, image_ids, views: tuple[str, ...] = ("identity",)):
+
+class AdaptDataset:
+    """Training samples of a (few-shot) split; index i is image i % n in view (i // n) % views.
+
+    A view is (scale, flip): the image flipped or not, resized to scale x the model's input short side by
+    the collator. Views are fixed so the feature cache can hold each one (key: image id and view)."""
+
+    def __init__(self, split, image_ids, views=((1.0, False),), min_size: int | None = None):
         if not image_ids:
             raise ValueError("no training images: the split (or few-shot subset) is empty")
-        self.split, self.image_ids, self.views = split, list(image_ids), views
+        if any(scale != 1.0 for scale, _ in views) and min_size is None:
+            raise ValueError("scaled views need the model's min_size")
+        self.split, self.image_ids, self.views, self.min_size = split, list(image_ids), tuple(views), min_size
 
     def __len__(self) -> int:
         return len(self.image_ids) * len(self.views)
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index % len(self.image_ids)]
-        view = self.views[(index // len(self.image_ids)) % len(self.views)]
+        scale, flip = self.views[(index // len(self.image_ids)) % len(self.views)]
         image, target = self.split.load_image(image_id), self.split.target(image_id)
         boxes = target["boxes"].clone()
-        if view == "hflip":
+        if flip:
             image = image.transpose(0)  # PIL FLIP_LEFT_RIGHT
             boxes[:, [0, 2]] = image.width - boxes[:, [2, 0]]
-        return {"image": image, "boxes": boxes, "labels": target["labels"], "key": (image_id, view)}
+        min_size = None if scale == 1.0 else round(self.min_size * scale)
+        return {"image": image, "boxes": boxes, "labels": target["labels"], "min_size": min_size,
+                "key": (image_id, scale, flip)}
 
 
 def backbone_levels(glip: GLIP):
@@ -112,7 +129,8 @@ class AdaptCollator:
         self.compute_levels = cache.compute if cache is not None else backbone_levels(glip)
 
     def __call__(self, samples: list[dict]) -> AdaptBatch:
-        batch = self.processor.preprocess([s["image"] for s in samples])
+        batch = self.processor.preprocess([s["image"] for s in samples],
+                                          min_sizes=[s.get("min_size") for s in samples])
         targets = []
         for sample, size, original in zip(samples, batch.image_sizes, batch.original_sizes):
             boxes = rescale_boxes(sample["boxes"], original, size)  # original pixels -> network input
@@ -166,6 +184,7 @@ def tune(config: TuneConfig) -> dict:
     started = time.perf_counter()
     if config.out is not None:
         _check_writable(Path(config.out).parent)
+    views = training_views(config.scales, config.augment)
     if config.prompt_dtype is not None and config.prompt_dtype not in PROMPT_DTYPES:
         raise ValueError(f"--prompt-dtype {config.prompt_dtype!r} is not one of {', '.join(PROMPT_DTYPES)}")
     task = get_task(config.task, data_root=config.data_root)
@@ -195,8 +214,7 @@ def tune(config: TuneConfig) -> dict:
     report["trainable_tensors"] = len(trainable)
     use_cache = config.cache_features and model.frozen_visual
     cache = FeatureCache(backbone_levels(glip)) if use_cache else None
-    views = ("identity", "hflip") if config.augment else ("identity",)
-    dataset = AdaptDataset(train_split, image_ids, views)
+    dataset = AdaptDataset(train_split, image_ids, views, min_size=glip.config.image.min_size)
     collate = AdaptCollator(processor, prompt.positive_map, glip, model.frozen_visual, cache)
     steps = config.steps or default_steps(config.shots)
     if config.epochs:

@@ -567,13 +567,16 @@ class GLIPProcessor:
         """`load_image` with this processor's `max_pixels`."""
         return load_image(source, max_pixels=self.max_pixels)
 
-    def preprocess(self, images: ImageInput | Sequence[ImageInput], *, resize: bool = True) -> ImageBatch:
+    def preprocess(self, images: ImageInput | Sequence[ImageInput], *, resize: bool = True,
+                   min_sizes: Sequence[int | None] | None = None) -> ImageBatch:
         """Load, resize, normalise and pad images into one batch (the official test path).
 
         Args:
             images: one image or a list of images, in any form `load_image` accepts.
             resize: apply the official `get_size` rule (min_size / max_size); False feeds pixels as they are
                 (the GLIPDemo path with `min_image_size=None`, used by the reference cases).
+            min_sizes: per image, a short side to use instead of `min_size` (multi-scale training views);
+                None entries keep the default.
 
         Returns:
             The batch, padded to the largest image rounded up to `size_divisibility`.
@@ -584,12 +587,15 @@ class GLIPProcessor:
             sources = list(images)
         else:
             sources = [images]
+        if min_sizes is not None and len(min_sizes) != len(sources):
+            raise ValueError(f"min_sizes has {len(min_sizes)} entries for {len(sources)} images")
         tensors, image_sizes, original_sizes = [], [], []
-        for source in sources:
+        for index, source in enumerate(sources):
             pil = self.load_image(source)
             original_sizes.append((pil.height, pil.width))
             if resize:
-                h, w = get_size((pil.height, pil.width), self.image.min_size, self.image.max_size)
+                min_size = (min_sizes[index] if min_sizes is not None else None) or self.image.min_size
+                h, w = get_size((pil.height, pil.width), min_size, self.image.max_size)
                 if (h, w) != (pil.height, pil.width):
                     pil = pil.resize((w, h), Image.Resampling.BILINEAR)  # what torchvision's resize does on PIL
             image_sizes.append((pil.height, pil.width))

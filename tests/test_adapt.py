@@ -126,6 +126,37 @@ def test_feature_cache_gives_the_same_training_result(workspace):
     assert with_cache["tuned"]["AP"] == pytest.approx(without["tuned"]["AP"], abs=1e-4)
 
 
+def test_scale_and_flip_views_are_cached_once_each_with_matching_boxes(workspace):
+    from adapt.cache import FeatureCache
+    from adapt.tune import AdaptCollator, AdaptDataset, backbone_levels, task_tokens, training_views
+    from tasks import get_task
+
+    views = training_views((0.5, 1.0), flip=True)
+    assert views == ((0.5, False), (0.5, True), (1.0, False), (1.0, True))
+    glip = GLIP.from_pretrained(str(workspace / "tiny.safetensors")).eval()
+    processor = GLIPProcessor.from_config(glip.config)
+    task = get_task(TASK, data_root=workspace / "data")
+    split = task.split("train")
+    dataset = AdaptDataset(split, split.image_ids[:2], views, min_size=glip.config.image.min_size)
+    cache = FeatureCache(backbone_levels(glip))
+    collate = AdaptCollator(processor, task_tokens(processor, task.categories).positive_map, glip, True, cache)
+    samples = [dataset[i] for i in range(len(dataset))]
+    for _ in range(2):  # a second epoch is all cache hits
+        batches = [collate(samples[i:i + 2]) for i in range(0, len(samples), 2)]
+    assert cache.stats()["misses"] == 8 and cache.stats()["hits"] == 8
+    # sample i is image i % 2 in view i // 2: image 0 at (0.5, no flip) vs (1.0, no flip)
+    half, full = collate([samples[0]]), collate([samples[4]])
+    assert half.image_sizes[0][0] * 2 == pytest.approx(full.image_sizes[0][0], abs=1)
+    torch.testing.assert_close(half.targets[0].boxes * 2, full.targets[0].boxes, atol=2.0, rtol=0)
+    flipped = collate([samples[6]])  # image 0 at (1.0, flip): x mirrored
+    width = full.image_sizes[0][1]
+    torch.testing.assert_close(flipped.targets[0].boxes[:, [2, 0]], width - full.targets[0].boxes[:, [0, 2]],
+                               atol=1e-3, rtol=0)
+    assert len(batches) == 4
+    with pytest.raises(ValueError, match="scales"):
+        training_views((0.1,))
+
+
 def test_half_width_prompt_halves_the_file_and_keeps_the_detections(workspace, tmp_path):
     from adapt.adapter import save_adapter
 
