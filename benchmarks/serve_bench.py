@@ -459,7 +459,8 @@ def section_soak(args, plan) -> dict:
            "server_errors_5xx": server_errors, "unexpected_status": wrong_status, "wrong_tenant_answers": wrong_tenant,
            "crashed": crashed or not healthy, "rss_mb_first": rss[0] if rss else None,
            "rss_mb_last": rss[-1] if rss else None, "rss_mb_max": max(rss) if rss else None,
-           "rss_mb_after_10pct": rss[max(0, len(rss) // 10)] if rss else None}
+           "rss_mb_after_10pct": rss[max(0, len(rss) // 10)] if rss else None,
+           "rss_mb_every_chunk": [round(x) for x in rss], "chunk_requests": chunk}
     print(f"  soak: {len(results)}/{len(jobs)} answered in {wall:.0f} s ({bad} bad inputs): 5xx {server_errors}, "
           f"unexpected status {wrong_status}, wrong-tenant answers {wrong_tenant}, crashed {out['crashed']}; "
           f"server RSS {out['rss_mb_first']:.0f} -> {out['rss_mb_last']:.0f} MiB (max {out['rss_mb_max']:.0f}, "

@@ -1,5 +1,6 @@
 """The Ray Serve deployment end to end on a local Ray instance (2 CPUs): same HTTP contract, multiplexed tasks."""
 import base64
+import os
 import socket
 import time
 
@@ -40,8 +41,13 @@ def ray_server(tmp_path_factory):
                            {"name": "b", "key_sha256": hash_key("key-b"), "tasks": ["beta"]}],
                "admins": [{"name": "ops", "key_sha256": hash_key("key-ops")}]}
     port = free_port()
+    # A loaded machine (CI neighbours) can keep the HTTP proxy from answering Serve's 5 s readiness check
+    # three times, after which Serve kills it; give it a minute. Local Ray processes inherit this env.
+    patience = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    saved = {name: os.environ.get(name) for name in patience}
+    os.environ.update(patience)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", **patience}})
     try:
         app = build_app(base=str(root / "tiny.safetensors"), adapters_dir=adapters,
                         engine_config=EngineConfig(max_batch=4, batch_window_ms=20, max_pixels=4_000_000),
@@ -58,6 +64,11 @@ def ray_server(tmp_path_factory):
             time.sleep(0.5)
         yield url, adapters
     finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         serve.shutdown()
         ray.shutdown()
 
