@@ -8,6 +8,7 @@ Sections (all by default; pick with --sections):
   rss   resident memory of a server process with 1, 100 and 1,000 registered prompt adapters, before and
         after each was served once.
   soak  N requests with 5% bad inputs mixed in: crashes (5xx, dead server), wrong-tenant answers, RSS drift.
+  batch in-process: 4 and 8 tenants' requests as one engine batch vs one at a time (ms per image).
 
 The adapters are synthetic (adapt.serve.testing: the base's P0 of a category prompt plus a random
 offset), in the real file format; every tenant has its own key and may call only its own task.
@@ -328,6 +329,40 @@ def section_cold(args, plan) -> dict:
     return out
 
 
+def section_batch(args, plan) -> dict:
+    """In-process: N requests of N different prompt-tuning tenants as one engine batch vs one at a time."""
+    import torch
+
+    from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base(args.base)
+    engine = MultiTenantEngine(base, plan["adapters"], EngineConfig(),
+                               processor=make_processor(base.config, args.image_size))
+    params = DetectParams(0.3, 100)
+    items = [(t["task"], engine.prepare(plan["images"][i % len(plan["images"])]), params)
+             for i, t in enumerate(plan["tenants"][:8])]
+    for n in (1, 8):  # warm-up: adapters loaded, buffers allocated
+        engine.run(items[:n])
+    out = {}
+    for n in (4, 8):
+        batched, single = [], []
+        for _ in range(args.batch_reps):
+            start = time.perf_counter()
+            engine.run(items[:n])
+            batched.append((time.perf_counter() - start) * 1000 / n)
+            start = time.perf_counter()
+            for item in items[:n]:
+                engine.run([item])
+            single.append((time.perf_counter() - start) * 1000 / n)
+        out[n] = {"batched_ms_per_image": statistics.median(batched), "single_ms_per_image": statistics.median(single)}
+        print(f"  {n} tenants' requests: one batch {out[n]['batched_ms_per_image']:.1f} ms/image vs one at a time "
+              f"{out[n]['single_ms_per_image']:.1f} ms/image "
+              f"({out[n]['single_ms_per_image'] / out[n]['batched_ms_per_image']:.2f}x)", flush=True)
+    return out
+
+
 def child_rss(spec: dict) -> None:
     import gc
 
@@ -474,7 +509,7 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name printed with the figures")
     parser.add_argument("--image-size", type=int, default=None, help="square resize (default: the base config's)")
     parser.add_argument("--workdir", default=None, help="adapters, keys (default: a temporary folder)")
-    parser.add_argument("--sections", default="load,cold,rss,soak")
+    parser.add_argument("--sections", default="load,cold,rss,soak,batch")
     parser.add_argument("--requests", type=int, default=200, help="requests per load configuration")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     parser.add_argument("--modes", default="on,off", help="batching modes to load-test")
@@ -484,6 +519,7 @@ def main() -> None:
     parser.add_argument("--window-ms", type=float, default=5.0)
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--switch-reps", type=int, default=22)
+    parser.add_argument("--batch-reps", type=int, default=5, help="repetitions of the in-process batch comparison")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--child-server", default=None, help=argparse.SUPPRESS)
@@ -500,8 +536,8 @@ def main() -> None:
     figures = {}
     for section in args.sections.split(","):
         print(f"[{section}]", flush=True)
-        figures[section] = {"load": section_load, "cold": section_cold, "rss": section_rss,
-                            "soak": section_soak}[section](args, plan)
+        figures[section] = {"load": section_load, "cold": section_cold, "rss": section_rss, "soak": section_soak,
+                            "batch": section_batch}[section](args, plan)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1, default=str))
 
