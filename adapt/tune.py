@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adapt.adapter import PROMPT_DTYPES, Adapter, base_fingerprint, save_adapter
+from adapt.adapter import Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
 from adapt.cache import FeatureCache, stack_levels
 from adapt.evaluation import evaluate, task_prompt
 from adapt.strategies import STRATEGIES, AdaptBatch, AdaptedGLIP, LoRA
@@ -185,8 +185,7 @@ def tune(config: TuneConfig) -> dict:
     if config.out is not None:
         _check_writable(Path(config.out).parent)
     views = training_views(config.scales, config.augment)
-    if config.prompt_dtype is not None and config.prompt_dtype not in PROMPT_DTYPES:
-        raise ValueError(f"--prompt-dtype {config.prompt_dtype!r} is not one of {', '.join(PROMPT_DTYPES)}")
+    resolve_prompt_dtype(config.prompt_dtype)  # refuse a bad --prompt-dtype before training, not after
     task = get_task(config.task, data_root=config.data_root)
     train_split = task.split("train")
     subset = sample_few_shot(train_split, config.shots, config.seed) if config.shots else None

@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--no-descriptions", action="store_true", help="the odinw_13 prompt (names only)")
-    parser.add_argument("--image", default=None, help="image to detect on (default: a synthetic one)")
+    parser.add_argument("--image", default=None, help="image to detect on (default: a generated icons-aquarium test scene)")
     parser.add_argument("--size", type=int, default=512, help="input short side for the detection check")
     parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference")
     args = parser.parse_args()

@@ -65,8 +65,8 @@ def shard_jobs(jobs: list[tuple], preset: dict, count: int) -> list[list[tuple]]
 
 
 def run_all(preset: dict, out: Path, data_root: Path | None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
-    """Run this shard's share of the plan (every n-th job, so shards get a similar mix of cheap and costly
-    runs), appending each finished run to out/results.csv; runs already there are skipped."""
+    """Run this shard's share of the plan (`shard_jobs`: shards of similar estimated cost), appending each
+    finished run to out/results.csv; runs already there are skipped."""
     from adapt.evaluation import evaluate
     from adapt.tune import TuneConfig, tune
     from backbone.detector import GLIPDetector
@@ -204,8 +204,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", nargs="*", help="override the preset's base models")
     parser.add_argument("--tasks", nargs="*", help="override the preset's tasks")
-    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job starting at I (parallel shards "
-                                                      "write separate --out folders; merge them with --combine)")
+    parser.add_argument("--shard", default="0/1", help="I/N: run shard I of N shards of similar cost (parallel "
+                                                      "shards write separate --out folders; merge with --combine)")
     parser.add_argument("--combine", nargs="*", type=Path,
                         help="only summarise: merge the results.csv of these run folders into --out")
     args = parser.parse_args()

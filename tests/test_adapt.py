@@ -175,6 +175,9 @@ def test_half_width_prompt_halves_the_file_and_keeps_the_detections(workspace, t
     with pytest.raises(AdapterError, match="prompt_dtype"):
         save_adapter(full, tmp_path / "bad.safetensors", prompt_dtype="int8")
     assert not (tmp_path / "bad.safetensors").exists()
+    with pytest.raises(AdapterError, match="prompt_dtype 'int8'"):  # refused before any training
+        run(workspace, "prompt-tune", prompt_dtype="int8", out=tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_half_width_prompt_adapter_detects_like_the_full_one(workspace, tmp_path):
