@@ -19,8 +19,6 @@ any mismatch with a message that names the base the adapter needs. Writes are at
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from glip_io import atomic_write
 from adapt import __version__
 from backbone.outputs import PromptFeatures
 
@@ -112,16 +111,7 @@ def save_adapter(adapter: Adapter, path: str | Path, prompt_dtype: str | None = 
     if adapter.strategy not in STRATEGIES:
         raise AdapterError(f"unknown strategy {adapter.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     dtype = resolve_prompt_dtype(prompt_dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(adapter.tensors(dtype), tmp, metadata=adapter.metadata())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(adapter.tensors(dtype), str(tmp), metadata=adapter.metadata()))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -311,10 +301,7 @@ def merge_adapter(path: str | Path, out: str | Path, base_name: str | None = Non
         header = dict(handle.metadata())
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     tensors.update({f"adapter.{k}": v for k, v in adapter.tensors().items() if k.startswith("prompt.")})
-    tmp = Path(out).with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, out)
-    return Path(out)
+    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def read_merged(path: str | Path) -> Adapter | None:

@@ -18,7 +18,7 @@ class AdapterDetector:
         self.model = base.eval()
         self.adapter = adapter
         self.processor = GLIPProcessor.from_config(base.config)
-        self.postprocessor = Postprocessor(base.config.postprocess)
+        self.postprocessor = Postprocessor.from_config(base.config)
 
     @classmethod
     def load(cls, adapter_path, base: str | None = None) -> "AdapterDetector":

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from glip_io import atomic_write
 from torch import Tensor, nn
 
 __all__ = [
@@ -390,24 +391,6 @@ def _check_amp(amp: str, device: torch.device) -> torch.dtype | None:
 # ------------------------------------------------------------------------------- file handling
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Writes via `write(tmp)` then renames over `path`, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # persist the rename itself (not supported on every OS)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _check_writable(out_dir: Path) -> str | None:
     """None if `out_dir` can be created and written, else the error message."""
     probe = out_dir / f".write-test-{os.getpid()}"
@@ -439,7 +422,7 @@ def _trim_log(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line + "\n")
-    _atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -696,7 +679,7 @@ class Trainer:
             for stale in self.out_dir.glob(".*.tmp-*"):  # left by a run killed mid-write
                 stale.unlink(missing_ok=True)
             _trim_log(self.log_path, self.step)
-            _atomic_write(self.out_dir / CONFIG_NAME,
+            atomic_write(self.out_dir / CONFIG_NAME,
                           lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2)))
             self._log_file = open(self.log_path, "a", encoding="utf-8")
             self._log({"event": "resume" if path else "start", "step": self.step, "total_steps": self.total_steps,
@@ -880,7 +863,7 @@ class Trainer:
 
         meta = {"step": str(self.best["step"]), "metric": self.best["metric"], "value": repr(self.best["value"])}
         tensors = self._trainable_state()
-        _atomic_write(self.best_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        atomic_write(self.best_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def _save_checkpoint(self) -> None:
         t0 = time.perf_counter()
@@ -898,7 +881,7 @@ class Trainer:
                 "best": self.best, "counts": dict(self.counts), "bad_in_row": self._bad_in_row,
                 "config": self.config.to_dict(),
             }
-            _atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+            atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
         self._timings["checkpoint"] += time.perf_counter() - t0
 
     def _load_checkpoint(self, path: Path) -> None:

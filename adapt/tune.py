@@ -198,7 +198,7 @@ def tune(config: TuneConfig) -> dict:
     glip = GLIP.from_pretrained(config.base)
     fingerprint = base_fingerprint(glip)
     processor = GLIPProcessor.from_config(glip.config)
-    postprocessor = Postprocessor(glip.config.postprocess)
+    postprocessor = Postprocessor.from_config(glip.config)
     prompt = task_tokens(processor, task.categories)
     report = {"strategy": config.strategy, "task": task.name, "base": config.base, "shots": config.shots,
               "seed": config.seed, "few_shot": subset.describe() if subset else "all training images",

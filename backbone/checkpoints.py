@@ -8,8 +8,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from glip_io import atomic_write
 from backbone.config import GLIPConfig
 
 HUB_REPO = "GLIPModel/GLIP"
@@ -72,15 +71,7 @@ def save_model(model, path: str | Path, *, exclude_prefix: str | None = None, dt
         state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()}
     header = {"format": "glip-adapt/model", "config": json.dumps(model.config.to_dict()),
               "excluded_prefix": exclude_prefix or "", **{k: str(v) for k, v in metadata.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

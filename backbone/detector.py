@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from backbone.anchors import BoxCoder
 from backbone.model import GLIP
 from backbone.outputs import Detections, PromptFeatures, VisualFeatures
 from backbone.postprocess import Candidates, Postprocessor
@@ -34,9 +33,7 @@ class GLIPDetector:
     def __init__(self, model: GLIP, processor: GLIPProcessor, postprocessor: Postprocessor | None = None):
         self.model = model.eval()
         self.processor = processor
-        config = model.config
-        self.postprocessor = postprocessor or Postprocessor(
-            config.postprocess, BoxCoder(config.head.box_coder_weights))
+        self.postprocessor = postprocessor or Postprocessor.from_config(model.config)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "glip-nano", **kwargs) -> "GLIPDetector":

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from backbone.anchors import BoxCoder
-from backbone.config import PostprocessConfig
+from backbone.config import GLIPConfig, PostprocessConfig
 from backbone.outputs import HeadOutputs
 
 
@@ -47,6 +47,11 @@ class Postprocessor:
                  box_coder: BoxCoder | None = None):
         self.config = config
         self.box_coder = box_coder or BoxCoder()
+
+    @classmethod
+    def from_config(cls, config: GLIPConfig) -> "Postprocessor":
+        """The post-processor of a model: its thresholds and its box coder's weights (the one place that builds one)."""
+        return cls(config.postprocess, BoxCoder(config.head.box_coder_weights))
 
     def level_candidates(self, outputs: HeadOutputs, image: int, positive_map: Tensor,
                          label_offset: int = 0) -> list[Candidates]:

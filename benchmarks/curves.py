@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import time
 from pathlib import Path
+
+from glip_io import atomic_write
 
 # Step counts and evaluation sizes are set so each preset fits its time budget on a 2-core CPU (quick: <= 30 min
 # with 2 threads; full: <= 150 min as two 1-thread shards). Batch 4; the LR per strategy is adapt.tune's default.
@@ -79,12 +82,11 @@ def run_all(preset: dict, out: Path, data_root: Path | None, shard: tuple[int, i
 
     def save(row: dict) -> None:
         rows.append({k: row.get(k, "") for k in FIELDS})
-        partial = csv_path.with_suffix(".csv.partial")
-        with open(partial, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        partial.replace(csv_path)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(csv_path, text.getvalue().encode())
 
     index, count = shard
     for model, task, strategy, shots, seed in shard_jobs(plan(preset), preset, count)[index]:

@@ -45,7 +45,7 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
                 module.deform_impl = deform_impl
     deform_impl = model.config.dyhead.deform_impl if deform_impl == "config" else deform_impl
     processor = GLIPProcessor.from_config(model.config)
-    postprocessor = Postprocessor(model.config.postprocess)
+    postprocessor = Postprocessor.from_config(model.config)
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     padded = (-(-height // 32) * 32, -(-width // 32) * 32)
     generator = torch.Generator().manual_seed(0)

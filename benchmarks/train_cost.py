@@ -41,7 +41,6 @@ def worker(base: str, strategy: str, cached: bool, batch_size: int, steps: int, 
     import torch
 
     from adapt.adapter import save_adapter
-    from adapt.cache import stack_levels
     from adapt.strategies import AdaptBatch
     from adapt.tune import AdaptCollator, AdaptDataset, TuneConfig, build_strategy, make_adapter, task_tokens
     from backbone.loss import GroundingLoss

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from adapt.serve.metrics import Metrics, server_metrics
 from adapt.serve.pool import AdapterPool, LoadedAdapter
-from backbone.anchors import BoxCoder
 from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
 from backbone.postprocess import Candidates, Postprocessor
@@ -160,8 +159,7 @@ class MultiTenantEngine:
         if not config.keep_text:
             self.base.text = None  # prompt features come from adapters: BERT never runs here
         self.processor = processor or GLIPProcessor.from_config(base.config, max_pixels=config.max_pixels)
-        self.postprocessor = postprocessor or Postprocessor(base.config.postprocess,
-                                                            BoxCoder(base.config.head.box_coder_weights))
+        self.postprocessor = postprocessor or Postprocessor.from_config(base.config)
         divisor = max(self.processor.image.size_divisibility, 1)
         side = math.ceil(self.processor.image.max_size / divisor) * divisor
         self.canvas = (side, side) if config.fixed_canvas else None

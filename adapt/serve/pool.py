@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from glip_io import atomic_write
 from adapt.adapter import Adapter, AdapterError, base_fingerprint, load_adapter, weight_overrides
 from backbone.outputs import PromptFeatures
 
@@ -276,22 +277,16 @@ class AdapterPool:
             raise AdapterError(f"adapter upload is {len(data):,} bytes, over the limit of {self.max_upload_bytes:,}; "
                                "raise max_upload_bytes if this adapter is meant to be served")
         _check_safetensors_header(data)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".upload")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            adapter = load_adapter(tmp, base=self._base_view)
-            entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], (0, 0, 0))
-            with self._lock:
-                os.replace(tmp, path)  # atomic: readers see the old file or the new one
-                entry.stamp = _stamp(path)
-                self._insert(entry)
-            return entry
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=f".{name}.", suffix=".upload") as staged:
+            staged.write(data)  # verified from a private copy; only a verified upload replaces the served file
+            staged.flush()
+            adapter = load_adapter(staged.name, base=self._base_view)
+        entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], (0, 0, 0))
+        with self._lock:
+            atomic_write(path, data)  # readers see the old file or the new one
+            entry.stamp = _stamp(path)
+            self._insert(entry)
+        return entry
 
     def delete(self, name: str) -> bool:
         path = self.path(name)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 
+from glip_io import atomic_write
+
 RENDER_SIZE = 128  # font size in px at which every sprite is rendered (icons are drawn at most ~this big)
 FONT_FILE = "glyf_colr0.ttf"
 
@@ -132,12 +134,13 @@ class SpriteBank:
         path = Path(path) if path is not None else self.cache_file
         if path is None:
             raise ValueError("SpriteBank.save() needs a path: none given and no cache_file set")
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"u{cp:X}": np.asarray(img) for cp, img in sorted(self._sprites.items())}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-        return path
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a bare path
+                np.savez(handle, **arrays)
+
+        return atomic_write(path, write)
 
     def _load(self, path: Path) -> None:
         with np.load(path) as data:
