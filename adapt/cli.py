@@ -6,6 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when available, else CPU)")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (CUDA only)")]
+
 app = typer.Typer(help="Parameter-efficient adaptation of GLIP: one frozen core, many small task adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
@@ -19,14 +22,19 @@ def fail(message: str, code: int = 2) -> None:
 def verify_reference(
     cases: Annotated[list[Path], typer.Argument(help="reference case folders (e.g. ../shared/reference/glip_t)")],
     threads: Annotated[int, typer.Option(help="CPU threads")] = 2,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "float32",
 ) -> None:
-    """Rebuild each case's official checkpoint, convert it, run it and compare every stage with the official outputs."""
+    """Rebuild each case's official checkpoint, convert it, run it and compare every stage with the official outputs.
+
+    With --dtype bfloat16/float16 the same comparison runs against the float32 official outputs, with the
+    tolerances derived for that precision (backbone/verify.py)."""
     from backbone.verify import verify_case
 
     failed = 0
     for case in cases:
         try:
-            report = verify_case(case, threads=threads)
+            report = verify_case(case, threads=threads, device=device, dtype=dtype)
         except (FileNotFoundError, ValueError, RuntimeError) as error:
             typer.echo(f"case {case}: ERROR {error}", err=True)
             failed += 1
@@ -61,13 +69,15 @@ def detect(
     base: Annotated[str, typer.Option(help="checkpoint name or path")] = "glip-nano",
     threshold: Annotated[float, typer.Option(help="score threshold")] = 0.5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write COCO-style results here")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Zero-shot detection with a base model and a text prompt."""
     import json
 
     from backbone.detector import GLIPDetector
 
-    detector = GLIPDetector.from_pretrained(base)
+    detector = GLIPDetector.from_pretrained(base, device=device, dtype=dtype)
     results = []
     for index, (path, dets) in enumerate(zip(images, detector.detect([str(p) for p in images], prompt, threshold))):
         typer.echo(f"{path}: {len(dets)} detections")
@@ -192,6 +202,8 @@ def evaluate_command(
     limit: Annotated[Optional[int], typer.Option(help="first N images only")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write metrics here (JSON)")] = None,
     results_json: Annotated[Optional[Path], typer.Option("--results", help="COCO results json")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "float32",
 ) -> None:
     """COCO AP of a base (zero-shot, the task's prompt) or of an adapter on a task split."""
     import json
@@ -206,14 +218,15 @@ def evaluate_command(
         if adapter is not None:
             from adapt.predict import AdapterDetector
 
-            detector = AdapterDetector.load(adapter, base)
+            detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
             if detector.categories != task_obj.category_names:
                 fail(f"adapter {adapter} is for categories {detector.categories}, not task {task_obj.name!r}'s")
             metrics = evaluate(None, dataset, protocol, limit=limit, detect_fn=detector.detect_fn())
         else:
             from backbone.detector import GLIPDetector
 
-            metrics = evaluate(GLIPDetector.from_pretrained(base or "glip-nano"), dataset, protocol, limit=limit)
+            metrics = evaluate(GLIPDetector.from_pretrained(base or "glip-nano", device=device, dtype=dtype), dataset,
+                               protocol, limit=limit)
     except (ValueError, KeyError, FileNotFoundError, AdapterError) as error:
         fail(str(error).strip('"'))
     typer.echo(f"{task_obj.name} [{dataset.ann_file.parent.name}] protocol {protocol}: "
@@ -233,6 +246,8 @@ def predict(
     threshold: Annotated[float, typer.Option(help="score threshold")] = 0.3,
     save_vis: Annotated[Optional[Path], typer.Option(help="write PNGs with boxes into this folder")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="COCO results json")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Detect a task's categories with its adapter (the language backbone is not run)."""
     import json
@@ -241,7 +256,7 @@ def predict(
     from adapt.predict import AdapterDetector
 
     try:
-        detector = AdapterDetector.load(adapter, base)
+        detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
         loaded = [detector.processor.load_image(p) for p in images]
     except (ValueError, FileNotFoundError, AdapterError) as error:
         fail(str(error))

@@ -4,51 +4,55 @@ from __future__ import annotations
 import torch
 
 from adapt.adapter import Adapter, apply_adapter, load_adapter
+from backbone.detector import GLIPDetector
+from backbone.device import resolve_device, resolve_dtype
 from backbone.model import GLIP
 from backbone.outputs import Detections
-from backbone.postprocess import Postprocessor
-from backbone.processor import GLIPProcessor, rescale_boxes
+from backbone.processor import GLIPProcessor
 
 
 class AdapterDetector:
     """One task's detector: a base GLIP with one adapter folded in (for CLI use; the server shares its base)."""
 
-    def __init__(self, base: GLIP, adapter: Adapter):
+    def __init__(self, base: GLIP, adapter: Adapter, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None):
+        device = resolve_device(device)
         apply_adapter(base, adapter)
-        self.model = base.eval()
         self.adapter = adapter
-        self.processor = GLIPProcessor.from_config(base.config)
-        self.postprocessor = Postprocessor.from_config(base.config)
+        self.detector = GLIPDetector(base.to(device), GLIPProcessor.from_config(base.config), dtype=dtype)
 
     @classmethod
-    def load(cls, adapter_path, base: str | None = None) -> "AdapterDetector":
+    def load(cls, adapter_path, base: str | None = None, *, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> "AdapterDetector":
         """From an adapter file (on its base, or `base`), or from a merged single-task model file."""
         from adapt.adapter import read_merged, read_metadata
 
+        resolve_dtype(dtype, resolve_device(device))  # refuse an impossible device or dtype before loading
         merged = read_merged(adapter_path)
         if merged is not None:
-            return cls(GLIP.from_pretrained(str(adapter_path)), merged)
+            return cls(GLIP.from_pretrained(str(adapter_path)), merged, device=device, dtype=dtype)
         name = base or read_metadata(adapter_path)["base_model"]
         glip = GLIP.from_pretrained(name)
-        return cls(glip, load_adapter(adapter_path, base=glip))
+        return cls(glip, load_adapter(adapter_path, base=glip), device=device, dtype=dtype)
 
     @property
     def categories(self) -> list[str]:
         return self.adapter.category_names
 
-    @torch.no_grad()
+    @property
+    def processor(self) -> GLIPProcessor:
+        return self.detector.processor
+
+    @property
+    def model(self) -> GLIP:
+        return self.detector.model
+
     def detect(self, images, threshold: float = 0.0) -> list[Detections]:
         if not isinstance(images, (list, tuple)):
             images = [images]
         batch = self.processor.preprocess(list(images))
-        outputs = self.model(self.adapter.prompt, batch.pixel_values, batch.image_sizes)
-        finals = self.postprocessor(outputs, self.adapter.positive_map)
-        results = []
-        for i, final in enumerate(finals):
-            keep = final.scores > threshold
-            boxes = rescale_boxes(final.boxes[keep], batch.image_sizes[i], batch.original_sizes[i])
-            results.append(Detections(boxes, final.scores[keep], final.labels[keep], self.categories))
-        return results
+        return self.detector.detect_with_features(batch, self.adapter.prompt, self.adapter.positive_map,
+                                                  self.categories, threshold)
 
     def detect_fn(self):
         """For adapt.evaluation.evaluate(detect_fn=...): the adapter's own category order is the task's."""

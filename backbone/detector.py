@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from backbone.device import autocast, resolve_device, resolve_dtype
 from backbone.model import GLIP
 from backbone.outputs import Detections, PromptFeatures, VisualFeatures
 from backbone.postprocess import Candidates, Postprocessor
@@ -30,19 +31,35 @@ def split_prompt(prompt: str) -> list[str]:
 
 
 class GLIPDetector:
-    def __init__(self, model: GLIP, processor: GLIPProcessor, postprocessor: Postprocessor | None = None):
+    """Detection with a GLIP on the device its weights are on, computing in `dtype`.
+
+    A `dtype` below float32 runs the network under autocast (weights stay float32); post-processing always runs
+    in float32 on the network's outputs.
+    """
+
+    def __init__(self, model: GLIP, processor: GLIPProcessor, postprocessor: Postprocessor | None = None, *,
+                 dtype: torch.dtype | str | None = None):
         self.model = model.eval()
         self.processor = processor
         self.postprocessor = postprocessor or Postprocessor.from_config(model.config)
+        self.dtype = resolve_dtype(dtype, self.device)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "glip-nano", **kwargs) -> "GLIPDetector":
-        model = GLIP.from_pretrained(name_or_path, **kwargs)
-        return cls(model, GLIPProcessor.from_config(model.config))
+    def from_pretrained(cls, name_or_path: str = "glip-nano", *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, **kwargs) -> "GLIPDetector":
+        """`device`: cpu, cuda or cuda:N (None: CUDA when available); `dtype`: float32, bfloat16, float16 (CUDA)."""
+        device = resolve_device(device)
+        resolve_dtype(dtype, device)  # refuse an impossible dtype before loading weights
+        model = GLIP.from_pretrained(name_or_path, **kwargs).to(device)
+        return cls(model, GLIPProcessor.from_config(model.config), dtype=dtype)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def compute(self):
+        """The precision context of every network call (autocast, or nothing in float32)."""
+        return autocast(self.device, self.dtype)
 
     def tokenize(self, categories: Categories | str) -> list[TokenizedPrompt]:
         if isinstance(categories, str):
@@ -61,7 +78,8 @@ class GLIPDetector:
             images = [images]
         per_image = _per_image_categories(categories, len(images))
         batch = self.processor.preprocess(list(images), resize=resize).to(self.device)
-        visual = self.model.encode_images(batch.pixel_values, batch.image_sizes)
+        with self.compute():
+            visual = self.model.encode_images(batch.pixel_values, batch.image_sizes)
         results = []
         for index, cats in enumerate(per_image):
             prompts = self.tokenize(cats)
@@ -76,16 +94,20 @@ class GLIPDetector:
                              categories: list[str], threshold: float = 0.0,
                              visual: VisualFeatures | None = None) -> list[Detections]:
         """Detect with precomputed P0 (e.g. a prompt adapter's), skipping the language backbone."""
-        if visual is None:
-            visual = self.model.encode_images(batch.pixel_values.to(self.device), batch.image_sizes)
-        outputs = self.model.fuse_and_predict(visual, prompt.to(self.device))
-        finals = self.postprocessor(outputs, positive_map.to(self.device))
+        with self.compute():
+            if visual is None:
+                visual = self.model.encode_images(batch.pixel_values.to(self.device), batch.image_sizes)
+            outputs = self.model.fuse_and_predict(visual, prompt.to(self.device))
+        finals = self.postprocessor(outputs.to(dtype=torch.float32), positive_map.to(self.device))
         return [self._to_detections(f, batch, i, categories, threshold) for i, f in enumerate(finals)]
 
     def _candidates(self, visual: VisualFeatures, prompt: TokenizedPrompt) -> Candidates:
-        features = self.model.encode_prompt(prompt.input_ids.to(self.device), prompt.attention_mask.to(self.device))
-        outputs = self.model.fuse_and_predict(visual, features)
-        levels = self.postprocessor.level_candidates(outputs, 0, prompt.positive_map.to(self.device),
+        with self.compute():
+            features = self.model.encode_prompt(prompt.input_ids.to(self.device),
+                                                prompt.attention_mask.to(self.device))
+            outputs = self.model.fuse_and_predict(visual, features)
+        levels = self.postprocessor.level_candidates(outputs.to(dtype=torch.float32), 0,
+                                                     prompt.positive_map.to(self.device),
                                                      label_offset=prompt.category_offset)
         return Candidates.cat(levels)
 

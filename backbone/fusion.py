@@ -52,7 +52,7 @@ class BiMultiHeadAttention(nn.Module):
         # what softmax does anyway.
         logits = query @ key.transpose(-1, -2)
         visual_logits = logits
-        if text_mask is not None and not bool(text_mask.all()):  # padding tokens get no weight
+        if text_mask is not None:  # padding tokens get no weight (always masked: testing for padding is a host sync)
             visual_logits = logits.masked_fill(~text_mask[:, None, None, :].bool(), float("-inf"))
         weights_visual = F.dropout(visual_logits.softmax(-1), self.dropout, self.training)
         delta_visual = weights_visual @ value_text  # (B, h, Nv, hd)

@@ -145,6 +145,16 @@ class HeadOutputs:
         """Split an anchor-wise tensor back into levels (use dim=0 for `anchors`)."""
         return list(torch.split(tensor, [h * w for h, w in self.level_shapes], dim=dim))
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "HeadOutputs":
+        """Floating tensors moved and cast (e.g. bf16 outputs to float32 for post-processing); masks keep their dtype."""
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return replace(self, box_deltas=move(self.box_deltas), centerness=move(self.centerness),
+                       alignment_logits=move(self.alignment_logits), anchors=move(self.anchors),
+                       text_mask=move(self.text_mask), fused_text=move(self.fused_text),
+                       fused_visual=[move(t) for t in self.fused_visual])
+
 
 @dataclass
 class Detections:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torchvision.ops import batched_nms, nms
 
 from backbone.anchors import BoxCoder
 from backbone.config import GLIPConfig, PostprocessConfig
@@ -42,6 +43,16 @@ def phrase_probabilities(alignment_logits: Tensor, positive_map: Tensor) -> Tens
     return (alignment_logits.sigmoid() @ weights.T) / counts
 
 
+def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's batched_nms. A size that depends on the data and is not known yet (tracing under fake tensors
+    with a ShapeEnv) cannot pass its emptiness check, so there it runs the coordinate-offset form batched_nms
+    itself uses for small inputs: each class shifted past the previous one's boxes, then one NMS."""
+    if not free_unbacked_symbols(boxes.shape[0]):
+        return batched_nms(boxes, scores, labels, iou_threshold)
+    offsets = labels.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
 class Postprocessor:
     def __init__(self, config: PostprocessConfig = PostprocessConfig(),
                  box_coder: BoxCoder | None = None):
@@ -66,10 +77,14 @@ class Postprocessor:
         for logits, centerness, deltas, anchors in per_level:
             probs = phrase_probabilities(logits, positive_map)  # (n, C)
             candidate = probs > self.config.score_threshold
-            top_n = min(int(candidate.sum()), self.config.pre_nms_top_n)
-            combined = (probs * centerness.sigmoid()[:, None])[candidate]
-            combined, order = combined.topk(top_n, sorted=False)
-            locations, labels = candidate.nonzero()[order].unbind(1)
+            # The top pre_nms_top_n candidates by probability x centerness: non-candidates score -1 (below any
+            # product of probabilities), so one static-size topk over all pairs replaces counting the candidates
+            # first, which would be a host sync.
+            combined = torch.where(candidate, probs * centerness.sigmoid()[:, None], -1.0).flatten()  # (n*C,)
+            combined, order = combined.topk(min(self.config.pre_nms_top_n, combined.shape[0]), sorted=False)
+            chosen = combined >= 0
+            combined, order = combined[chosen], order[chosen]
+            locations, labels = order // probs.shape[1], order % probs.shape[1]
             boxes = self.box_coder.decode(deltas[locations], anchors[locations])
             boxes = torch.stack([boxes[:, 0].clamp(0, width - 1), boxes[:, 1].clamp(0, height - 1),
                                  boxes[:, 2].clamp(0, width - 1), boxes[:, 3].clamp(0, height - 1)], dim=1)
@@ -79,16 +94,16 @@ class Postprocessor:
     def select(self, candidates: Candidates) -> Candidates:
         """Class-aware NMS (legacy +1 IoU, suppress IoU > threshold), then the max_detections cut."""
         # Adding 1 to x2, y2 turns torchvision's IoU into the legacy (x2 - x1 + 1) one exactly.
-        legacy = candidates.boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=candidates.boxes.dtype)
-        keep = batched_nms(legacy, candidates.scores, candidates.labels, self.config.nms_threshold)
+        boxes = candidates.boxes
+        legacy = torch.cat([boxes[:, :2], boxes[:, 2:] + 1], dim=1)
+        keep = class_aware_nms(legacy, candidates.scores, candidates.labels, self.config.nms_threshold)
         keep = keep.sort().values  # the official kernel returns kept boxes in their original order
         scores = candidates.scores[keep]
+        order = scores.argsort(descending=True, stable=True)  # stable: ties keep the original order
+        keep, scores = keep[order], scores[order]
         limit = self.config.max_detections
-        if 0 < limit < keep.numel():
-            cut = torch.kthvalue(scores, keep.numel() - limit + 1).values
-            keep = keep[scores >= cut]
-        order = candidates.scores[keep].argsort(descending=True, stable=True)
-        keep = keep[order]
+        if limit > 0:  # keep scores >= the limit-th largest (ties at the cut stay, as upstream)
+            keep = keep[scores >= scores[:limit][-1:]]
         return Candidates(candidates.boxes[keep], candidates.scores[keep], candidates.labels[keep])
 
     def __call__(self, outputs: HeadOutputs, positive_maps: list[Tensor] | Tensor,

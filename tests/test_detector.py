@@ -47,7 +47,7 @@ def test_threshold_filters(detector):
 
 
 def test_long_category_lists_are_chunked_and_merged(detector):
-    detector.processor.max_query_len = 24  # force several chunks on a short list
+    detector.processor.prompts.max_query_len = 24  # force several chunks on a short list
     try:
         names = [f"thing{i}" for i in range(30)]
         chunks = detector.tokenize(names)
@@ -56,7 +56,7 @@ def test_long_category_lists_are_chunked_and_merged(detector):
         assert len(dets.categories) == 30
         assert int(dets.labels.max()) < 30
     finally:
-        detector.processor.max_query_len = 256
+        detector.processor.prompts.max_query_len = 256
 
 
 def test_more_than_80_categories_work(detector):

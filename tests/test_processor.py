@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from backbone.config import ImageConfig, tiny_for_tests
+from backbone.images import ImageProcessor
+from backbone.prompts import PromptTokenizer
 from backbone.processor import (CategoryPrompt, GLIPProcessor, ImageBatch, TokenizedPrompt, build_caption, get_size,
                                 load_image, load_tokenizer, rescale_boxes)
 
@@ -41,7 +43,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def processor(tokenizer):
-    return GLIPProcessor(tokenizer=tokenizer, image=ImageConfig(), max_query_len=256)
+    return GLIPProcessor(prompts=PromptTokenizer(tokenizer, 256), images=ImageProcessor(ImageConfig()))
 
 
 def label_to_tokens(prompt: TokenizedPrompt) -> dict[int, list[int]]:
@@ -194,7 +196,7 @@ def test_many_categories_are_chunked(processor, tokenizer):
 
 
 def test_chunk_boundary_is_exact(tokenizer):
-    small = GLIPProcessor(tokenizer=tokenizer, image=ImageConfig(), max_query_len=11)
+    small = GLIPProcessor(prompts=PromptTokenizer(tokenizer, 11), images=ImageProcessor(ImageConfig()))
     # n single-token names: [CLS] + n names + (n-1) "." + [SEP] = 2n + 1 tokens.
     (one,) = small.tokenize(["cat"] * 5)
     assert one.num_tokens == 11
@@ -382,7 +384,7 @@ def test_preprocess_no_resize_is_bit_exact(processor):
 
 
 def test_preprocess_batch_pads_after_normalisation(tokenizer):
-    processor = GLIPProcessor(tokenizer=tokenizer, image=ImageConfig(min_size=64, max_size=96))
+    processor = GLIPProcessor(prompts=PromptTokenizer(tokenizer), images=ImageProcessor(ImageConfig(min_size=64, max_size=96)))
     a, b = noise_rgb(30, 60, seed=1), noise_rgb(50, 40, seed=2)
     batch = processor.preprocess([a, b], resize=False)
     assert isinstance(batch, ImageBatch) and len(batch) == 2
@@ -400,7 +402,7 @@ def test_preprocess_batch_pads_after_normalisation(tokenizer):
 
 
 def test_preprocess_channel_order(tokenizer):
-    processor = GLIPProcessor(tokenizer=tokenizer, image=ImageConfig(size_divisibility=0))
+    processor = GLIPProcessor(prompts=PromptTokenizer(tokenizer), images=ImageProcessor(ImageConfig(size_divisibility=0)))
     red = np.zeros((2, 3, 3), np.uint8)
     red[..., 0] = 255
     pixels = processor.preprocess(red, resize=False).pixel_values[0]
