@@ -39,7 +39,7 @@ def deform_conv_im2col(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, 
     grid = torch.stack([(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1)
     columns = F.grid_sample(x, grid.view(batch, 9 * out_h, out_w, 2), mode="bilinear", padding_mode="zeros",
                             align_corners=False)  # (B, C, 9*out_h, out_w)
-    columns = columns.view(batch, channels, 9, out_h * out_w) * mask.reshape(batch, 1, 9, out_h * out_w)
+    columns = columns.view(batch, channels, 9, out_h * out_w).mul_(mask.reshape(batch, 1, 9, out_h * out_w))
     out = weight.reshape(weight.shape[0], channels * 9) @ columns.view(batch, channels * 9, out_h * out_w)
     if bias is not None:
         out = out + bias.view(1, -1, 1)
@@ -105,7 +105,7 @@ class DyReLU(nn.Module):
         # lambda_a = 2, init_a = (1, 0), init_b = (0, 0), as in layers/dyrelu.py
         a1 = (a1 - 0.5) * 2.0 + 1.0
         a2 = (a2 - 0.5) * 2.0
-        return torch.maximum(x * a1 + (b1 - 0.5), x * a2 + (b2 - 0.5))
+        return torch.maximum(torch.addcmul(b1 - 0.5, x, a1), torch.addcmul(b2 - 0.5, x, a2))
 
 
 class DyConv(nn.Module):
@@ -135,9 +135,9 @@ class DyConv(nn.Module):
                 coarser = self.DyConv[0](levels[index + 1], **args)
                 # F.upsample_bilinear in the official code, i.e. align_corners=True
                 branches.append(F.interpolate(coarser, size=feature.shape[-2:], mode="bilinear", align_corners=True))
-            stacked = torch.stack(branches)  # (n_branches, B, C, H, W)
-            attention = h_sigmoid(torch.stack([self.AttnConv(b) for b in branches]))  # (n_branches, B, 1, 1, 1)
-            outputs.append(self.relu((stacked * attention).mean(dim=0)))
+            # The attention-weighted mean of the branches, accumulated without stacking them (one full-size copy less)
+            mixed = sum(b * h_sigmoid(self.AttnConv(b)) for b in branches) / len(branches)  # (B, C, H, W)
+            outputs.append(self.relu(mixed))
         return outputs
 
 
