@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from adapt.adapter import AdapterError, load_adapter, read_metadata
 from adapt.cli import app
 from adapt.predict import AdapterDetector
-from adapt.strategies import (FINETUNE_FROZEN_PREFIXES, LINEAR_PROBE_PARAMETERS, AdaptBatch, LinearProbe, LoRA,
-                              PromptTuning)
+from adapt.grounding import GroundingBatch
+from adapt.strategies import FINETUNE_FROZEN_PREFIXES, LINEAR_PROBE_PARAMETERS, LinearProbe, LoRA, PromptTuning
 from adapt.tune import TuneConfig, tune
 from backbone.checkpoints import save_model
 from backbone.config import tiny_for_tests
@@ -75,7 +75,7 @@ def test_zero_initialised_prompt_offset_and_lora_leave_outputs_unchanged():
     torch.manual_seed(0)
     glip = GLIP.from_config(tiny_for_tests()).eval()
     _, prompt = tiny_prompt(glip)
-    batch = AdaptBatch([(64, 64)], [], pixel_values=torch.randn(1, 3, 64, 64))
+    batch = GroundingBatch(torch.randn(1, 3, 64, 64), [(64, 64)], [])
     with torch.no_grad():
         base = glip(glip.encode_prompt(prompt.input_ids, prompt.attention_mask), batch.pixel_values)
         tuned = PromptTuning(glip, prompt).eval()(batch)
@@ -128,7 +128,8 @@ def test_feature_cache_gives_the_same_training_result(workspace):
 
 def test_scale_and_flip_views_are_cached_once_each_with_matching_boxes(workspace):
     from adapt.cache import FeatureCache
-    from adapt.tune import AdaptCollator, AdaptDataset, backbone_levels, task_tokens, training_views
+    from adapt.grounding import GroundingCollator
+    from adapt.tune import AdaptDataset, task_tokens, training_views
     from tasks import get_task
 
     views = training_views((0.5, 1.0), flip=True)
@@ -138,11 +139,17 @@ def test_scale_and_flip_views_are_cached_once_each_with_matching_boxes(workspace
     task = get_task(TASK, data_root=workspace / "data")
     split = task.split("train")
     dataset = AdaptDataset(split, split.image_ids[:2], views, min_size=glip.config.image.min_size)
-    cache = FeatureCache(backbone_levels(glip))
-    collate = AdaptCollator(processor, task_tokens(processor, task.categories).positive_map, glip, True, cache)
+    prompt = task_tokens(processor, task.categories)
+    model = PromptTuning(glip, prompt).train()
+    cache = FeatureCache()
+    model.use_feature_cache(cache)
+    collate = GroundingCollator(processor, task_prompt=prompt)
     samples = [dataset[i] for i in range(len(dataset))]
     for _ in range(2):  # a second epoch is all cache hits
         batches = [collate(samples[i:i + 2]) for i in range(0, len(samples), 2)]
+        for batch in batches:
+            with torch.no_grad():
+                model(batch)
     assert cache.stats()["misses"] == 8 and cache.stats()["hits"] == 8
     # sample i is image i % 2 in view i // 2: image 0 at (0.5, no flip) vs (1.0, no flip)
     half, full = collate([samples[0]]), collate([samples[4]])
