@@ -47,14 +47,12 @@ class PretrainConfig:
     data_root: Path | None = None
 
 
-def build_pretraining(config: PretrainConfig):
-    """Model, dataset, collator and evaluation for a pretraining run (also used by tests on tiny presets)."""
-    from tasks import get_task
+def pretraining_data(config: PretrainConfig, processor: GLIPProcessor):
+    """The icon-world corpus and its collator (detection prompts with absent names as negatives)."""
     from tasks.icons.corpus import CorpusConfig, IconPretrainDataset, detection_prompt_for_target
     from tasks.icons.rng import Rng
     from tasks.icons.scene import IconWorld
 
-    glip_config = get_preset(config.preset)
     world = IconWorld()
     world.warm()
     dataset = IconPretrainDataset(world, length=10_000_000, seed=config.seed,
@@ -66,8 +64,16 @@ def build_pretraining(config: PretrainConfig):
         rng = Rng("pretrain-prompt", config.seed, target["index"])
         return detection_prompt_for_target(target, vocabulary, max(0, config.prompt_names - present), rng)
 
+    return dataset, GroundingCollator(processor, build_prompt=build_prompt)
+
+
+def build_pretraining(config: PretrainConfig):
+    """Model, dataset, collator and evaluation for a pretraining run (also used by tests on tiny presets)."""
+    from tasks import get_task
+
+    glip_config = get_preset(config.preset)
     processor = GLIPProcessor.from_config(glip_config)
-    collate = GroundingCollator(processor, build_prompt=build_prompt)
+    dataset, collate = pretraining_data(config, processor)
     glip = GLIP.from_config(glip_config)
     model = GroundingModel(glip)
     heldin = get_task("icons-heldin", data_root=config.data_root).split("valid")
