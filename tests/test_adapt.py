@@ -275,3 +275,47 @@ def test_cli_inspect_predict_eval_and_merge(workspace, tmp_path):
     torch.testing.assert_close(a.scores, b.scores)
     bad = runner.invoke(app, ["adapters", "inspect", str(tmp_path / "missing.safetensors")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_a_cut_tune_run_resumes_from_its_run_dir_to_the_uncut_adapter(workspace, tmp_path, monkeypatch):
+    from adapt.train.trainer import Trainer
+
+    options = dict(zero_shot=False, steps=8, eval_every=4, batch_size=2)
+    run(workspace, "prompt-tune", out=tmp_path / "uncut.safetensors", run_dir=tmp_path / "uncut", **options)
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt  # the run is cut right after its first checkpoint
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", **options)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut.safetensors").exists()
+    with pytest.raises(FileExistsError, match="resume"):
+        run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", **options)
+    report = run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", resume=True,
+                 **options)
+    assert report["resumed_from_step"] == 4 and report["timings"]["steps"] == 8
+    resumed, uncut = load_adapter(tmp_path / "cut.safetensors"), load_adapter(tmp_path / "uncut.safetensors")
+    torch.testing.assert_close(resumed.prompt.hidden, uncut.prompt.hidden, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="resume needs the run folder"):
+        TuneConfig(strategy="prompt-tune", task=TASK, resume=True)
+
+
+def test_cli_resume_and_device_options(workspace, tmp_path):
+    runner = CliRunner()
+    common = ["--task", TASK, "--base", str(workspace / "tiny.safetensors"), "--shots", "1", "--steps", "2",
+              "--out", str(tmp_path / "a.safetensors")]
+    env = {"ADAPT_DATA": str(workspace / "data")}
+    bad = runner.invoke(app, ["prompt-tune", *common, "--dtype", "float16", "--device", "cpu"], env=env)
+    assert bad.exit_code == 2 and "float16 runs on CUDA only" in bad.output
+    done = runner.invoke(app, ["linear-probe", *common, "--dtype", "bfloat16", "--run-dir", str(tmp_path / "run")],
+                         env=env)
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "a.safetensors").exists()
+    again = runner.invoke(app, ["linear-probe", *common, "--dtype", "bfloat16", "--run-dir", str(tmp_path / "run"),
+                                "--resume"], env=env)
+    assert again.exit_code == 0, again.output
