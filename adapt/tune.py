@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from adapt import STRATEGY_NAMES
 from adapt.adapter import Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
