@@ -139,6 +139,20 @@ def pretrain_worker(preset: str, batch_size: int, steps: int, device_name: str |
             "image": f"{batch.image_sizes[0][0]}x{batch.image_sizes[0][1]}", "batch_size": batch_size}
 
 
+def run_worker(args, base: str, strategy: str, cached: bool, dtype: str) -> dict:
+    """One (strategy, cache, dtype) measurement in its own process (its own peak RSS)."""
+    command = [sys.executable, __file__, "--worker", base, strategy, "1" if cached else "0",
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
+               "--dtype", dtype, "--pretrain-preset", args.pretrain_preset]
+    command += ["--size", str(args.size)] if args.size else []
+    command += ["--data-root", args.data_root] if args.data_root else []
+    command += ["--device", args.device] if args.device else []
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if run.returncode != 0:
+        raise SystemExit(run.stderr[-3000:])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="glip-nano")
@@ -150,8 +164,9 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--only", nargs="*", help="strategy[:cached|:uncached] subset ('pretrain' for its row)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="compute precision of the step (autocast; fp32 master weights; float16 CUDA only)")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES),
+                        help="compute precision(s) of the step (autocast; fp32 master weights; float16 CUDA only); "
+                             "several: each run in each dtype back to back, then the speed-up of each over the first")
     parser.add_argument("--pretrain-preset", default="glip-nano", help="model of the pretraining-step row")
     parser.add_argument("--worker", nargs=3, metavar=("BASE", "STRATEGY", "CACHED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -160,11 +175,12 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         base, strategy, cached = args.worker
+        [dtype] = args.dtype
         if strategy == "pretrain":
-            row = pretrain_worker(args.pretrain_preset, args.batch_size, args.steps, args.device, args.dtype)
+            row = pretrain_worker(args.pretrain_preset, args.batch_size, args.steps, args.device, dtype)
         else:
             row = worker(base, strategy, cached == "1", args.batch_size, args.steps, args.size, args.data_root,
-                         args.device, args.dtype)
+                         args.device, dtype)
         print(json.dumps(row))
         return
     base = resolve_base(args.base, args.reference)
@@ -172,25 +188,18 @@ def main() -> None:
             or f"{r[0]}:{'cached' if r[1] else 'uncached'}" in args.only]
     rows = []
     for strategy, cached in runs:
-        command = [sys.executable, __file__, "--worker", base, strategy, "1" if cached else "0",
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
-                   "--dtype", args.dtype, "--pretrain-preset", args.pretrain_preset]
-        if args.device:
-            command += ["--device", args.device]
-        if args.size:
-            command += ["--size", str(args.size)]
-        if args.data_root:
-            command += ["--data-root", args.data_root]
-        run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if run.returncode != 0:
-            raise SystemExit(run.stderr[-3000:])
-        row = json.loads(run.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"{args.base:<11} {row['dtype']:<8} {row['strategy']:<20} {'cached' if row['cached'] else 'uncached':<9} "
-              f"step {row['step_s']:.3f} s  peak RSS {row['peak_rss_gib']:.2f} GiB  trainable "
-              f"{row['trainable_parameters']:>11,}  adapter {row['adapter_bytes']:>11,} B  "
-              f"(batch {row['batch_size']} x {row['image']})", flush=True)
-    by = {(r["strategy"], r["cached"]): r for r in rows}
+        for dtype in args.dtype:  # back to back, so a shared machine's load changes little between them
+            row = run_worker(args, base, strategy, cached, dtype)
+            rows.append(row)
+            print(f"{args.base:<11} {row['dtype']:<8} {row['strategy']:<20} "
+                  f"{'cached' if row['cached'] else 'uncached':<9} step {row['step_s']:.3f} s  peak RSS "
+                  f"{row['peak_rss_gib']:.2f} GiB  trainable {row['trainable_parameters']:>11,}  adapter "
+                  f"{row['adapter_bytes']:>11,} B  (batch {row['batch_size']} x {row['image']})", flush=True)
+        for dtype in args.dtype[1:]:
+            first, other = (next(r for r in rows[-len(args.dtype):] if r["dtype"] == d) for d in (args.dtype[0], dtype))
+            print(f"  {dtype} step is {first['step_s'] / other['step_s']:.2f}x as fast as {args.dtype[0]}", flush=True)
+    rows_first = [r for r in rows if r["dtype"] == args.dtype[0]]
+    by = {(r["strategy"], r["cached"]): r for r in rows_first}
     if ("prompt-tune", True) in by and ("finetune", False) in by:
         ratio = by[("finetune", False)]["step_s"] / by[("prompt-tune", True)]["step_s"]
         print(f"cached prompt-tune step is {ratio:.1f}x faster than a full fine-tuning step (target >= 5x)")
