@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
+
 import torch
 from torch import Tensor, nn
 
