@@ -295,8 +295,8 @@ class Trainer:
         return losses, *self._apply_update()
 
     def _skip_before_backward(self, loss: Tensor) -> str | None:
-        """"no_grad" for a loss without grad path; across processes also "nonfinite", agreed by every rank
-        (DDP's backward all-reduce would otherwise wait on the ranks that skip)."""
+        """The skip reason known before the backward: 'no_grad' for a loss without grad path; across processes
+        also 'nonfinite', agreed by every rank (DDP's backward all-reduce would otherwise wait on skipping ranks)."""
         code = 0 if loss.requires_grad else 1
         if self.world_size > 1:
             code = max_across(2 if not torch.isfinite(loss.detach()).all() else code, self.world_size, self.device)
