@@ -28,12 +28,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from glip_io import atomic_write
-from adapt import __version__
+from adapt import STRATEGY_NAMES, __version__
 from backbone.outputs import PromptFeatures
 
 FORMAT = "glip-adapt/adapter"
 FORMAT_VERSION = 1
-STRATEGIES = ("prompt-tune", "linear-probe", "lora", "finetune")
 # Strategies whose adapter changes no base weight: they share one model in a server batch.
 PROMPT_ONLY = ("prompt-tune",)
 
@@ -108,8 +107,8 @@ def save_adapter(adapter: Adapter, path: str | Path, prompt_dtype: str | None = 
     `prompt_dtype` ("float16"/"bfloat16") stores P0 at half width: a prompt adapter on GLIP-T is then half the
     bytes, and the scores move by the rounding of P0 (within 6e-5 on GLIP-T; see benchmarks/adapter_size.py)."""
     path = Path(path)
-    if adapter.strategy not in STRATEGIES:
-        raise AdapterError(f"unknown strategy {adapter.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if adapter.strategy not in STRATEGY_NAMES:
+        raise AdapterError(f"unknown strategy {adapter.strategy!r}; expected one of {', '.join(STRATEGY_NAMES)}")
     dtype = resolve_prompt_dtype(prompt_dtype)
     return atomic_write(path, lambda tmp: save_file(adapter.tensors(dtype), str(tmp), metadata=adapter.metadata()))
 
@@ -143,7 +142,7 @@ def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None
     except Exception as error:
         raise AdapterError(f"cannot read the tensors of {path} ({error}); the file is corrupt") from error
     strategy = meta.get("strategy", "")
-    if strategy not in STRATEGIES:
+    if strategy not in STRATEGY_NAMES:
         raise AdapterError(f"{path}: unknown strategy {strategy!r}")
     if expect_strategy and strategy != expect_strategy:
         raise AdapterError(f"{path} is a {strategy} adapter, not {expect_strategy}")

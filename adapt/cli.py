@@ -6,8 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when available, else CPU)")]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (CUDA only)")]
+from adapt import STRATEGY_NAMES
+
+# The two options every command that runs a model takes (resolved by backbone.device).
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when "
+                                                                          "available, else CPU)")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 (autocast; CPU and CUDA) or float16 "
+                                                          "(CUDA only)")]
 
 app = typer.Typer(help="Parameter-efficient adaptation of GLIP: one frozen core, many small task adapters.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -100,15 +105,21 @@ def pretrain(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
     eval_every: Annotated[int, typer.Option(help="held-in evaluation every N steps")] = 500,
     resume: Annotated[bool, typer.Option(help="continue the run in --out if it has a checkpoint")] = True,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Pretrain glip-nano(-a) on the icon world with GLIP's grounding objective (CPU: about 1-2 s per step)."""
     import json
 
     from adapt.pretrain import PretrainConfig, pretrain as run
 
-    summary = run(PretrainConfig(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out_dir=out,
-                                 weights_out=weights, threads=threads, eval_every=eval_every, resume=resume,
-                                 data_root=_data_root()))
+    try:
+        config = PretrainConfig(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out_dir=out,
+                                weights_out=weights, threads=threads, eval_every=eval_every, resume=resume,
+                                device=device, dtype=dtype, data_root=_data_root())
+        summary = run(config)
+    except ValueError as error:  # DeviceError included: an unusable --device/--dtype
+        fail(str(error))
     typer.echo(json.dumps(summary, indent=1))
 
 
@@ -146,6 +157,12 @@ def _tune_command(strategy: str):
         prompt_dtype: Annotated[Optional[str], typer.Option(
             help="store P0 in the adapter as float16 or bfloat16 (half the bytes)")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+        device: DeviceOption = None,
+        dtype: DtypeOption = "float32",
+        run_dir: Annotated[Optional[Path], typer.Option(
+            help="keep checkpoints and metrics.jsonl here (checkpoint at every evaluation), so the run can resume "
+                 "(default: a temporary folder, removed)")] = None,
+        resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from its last checkpoint")] = False,
     ) -> None:
         from adapt.adapter import AdapterError
         from adapt.tune import TuneConfig, tune, write_report
@@ -159,9 +176,9 @@ def _tune_command(strategy: str):
             result = tune(TuneConfig(strategy=strategy, task=task, base=base, shots=shots, seed=seed, steps=steps,
                                      epochs=epochs, lr=lr, batch_size=batch_size, out=out_path, cache_features=cache,
                                      augment=augment, scales=_floats(scales, "--scales"), eval_limit=eval_limit,
-                                     prompt_dtype=prompt_dtype,
-                                     data_root=_data_root()))
-        except (ValueError, KeyError, FileNotFoundError, PermissionError, AdapterError) as error:
+                                     prompt_dtype=prompt_dtype, device=device, dtype=dtype, run_dir=run_dir,
+                                     resume=resume, data_root=_data_root()))
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, AdapterError) as error:
             fail(str(error).strip('"'))
         _print_tune(result)
         if report:
@@ -176,7 +193,7 @@ def _tune_command(strategy: str):
     return command
 
 
-for _strategy in ("prompt-tune", "linear-probe", "lora", "finetune"):
+for _strategy in STRATEGY_NAMES:
     app.command(_strategy)(_tune_command(_strategy))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adapt.grounding import GroundingCollator, GroundingModel, grounding_loss_fn
+from adapt.grounding import GroundingCollator, GroundingModel, grounding_loss, grounding_loss_fn
 from adapt.train import TrainConfig, Trainer
 from backbone.checkpoints import save_model
 from backbone.config import get_preset
@@ -39,18 +39,20 @@ class PretrainConfig:
     eval_images: int = 100
     checkpoint_every: int = 100
     threads: int | None = None
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (None: CUDA when available)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "compute precision: float32, bfloat16 (autocast, CPU or CUDA) or float16 (autocast + GradScaler, "
+                "CUDA only); weights stay float32"})
     resume: bool = True
     data_root: Path | None = None
 
 
-def build_pretraining(config: PretrainConfig):
-    """Model, dataset, collator and evaluation for a pretraining run (also used by tests on tiny presets)."""
-    from tasks import get_task
+def pretraining_data(config: PretrainConfig, processor: GLIPProcessor):
+    """The icon-world corpus and its collator (detection prompts with absent names as negatives)."""
     from tasks.icons.corpus import CorpusConfig, IconPretrainDataset, detection_prompt_for_target
     from tasks.icons.rng import Rng
     from tasks.icons.scene import IconWorld
 
-    glip_config = get_preset(config.preset)
     world = IconWorld()
     world.warm()
     dataset = IconPretrainDataset(world, length=10_000_000, seed=config.seed,
@@ -62,8 +64,16 @@ def build_pretraining(config: PretrainConfig):
         rng = Rng("pretrain-prompt", config.seed, target["index"])
         return detection_prompt_for_target(target, vocabulary, max(0, config.prompt_names - present), rng)
 
+    return dataset, GroundingCollator(processor, build_prompt=build_prompt)
+
+
+def build_pretraining(config: PretrainConfig):
+    """Model, dataset, collator and evaluation for a pretraining run (also used by tests on tiny presets)."""
+    from tasks import get_task
+
+    glip_config = get_preset(config.preset)
     processor = GLIPProcessor.from_config(glip_config)
-    collate = GroundingCollator(processor, build_prompt)
+    dataset, collate = pretraining_data(config, processor)
     glip = GLIP.from_config(glip_config)
     model = GroundingModel(glip)
     heldin = get_task("icons-heldin", data_root=config.data_root).split("valid")
@@ -92,12 +102,14 @@ def pretrain(config: PretrainConfig) -> dict:
         out_dir=config.out_dir, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
         schedule="cosine", max_steps=config.steps, batch_size=config.batch_size, grad_clip=1.0,
         eval_every=config.eval_every, checkpoint_every=config.checkpoint_every, best_metric="AP50",
-        seed=config.seed, log_every=10, max_bad_steps=20)
+        seed=config.seed, log_every=10, max_bad_steps=20, device=config.device, dtype=config.dtype)
     started = time.perf_counter()
-    trainer = Trainer(model, train_config, grounding_loss_fn(), dataset, collate_fn=collate, eval_fn=eval_fn)
+    loss_fn = grounding_loss_fn(grounding_loss(model.glip.config))
+    trainer = Trainer(model, train_config, loss_fn, dataset, collate_fn=collate, eval_fn=eval_fn)
     result = trainer.fit(resume=config.resume)
     wall = time.perf_counter() - started
     summary = {"preset": config.preset, "steps": result.step, "seed": config.seed, "wall_time_s": round(wall, 1),
+               "device": str(trainer.device), "dtype": config.dtype,
                "batch_size": config.batch_size, "lr": config.lr, "last_metrics": result.last_metrics,
                "skipped_nonfinite": result.skipped_nonfinite}
     if config.weights_out:

@@ -8,16 +8,22 @@ shared/reference/FINDINGS.md §9):
                 stays in train mode as upstream, so fusion dropout is active while training).
   lora          beyond the paper: LoRA (peft) on the fusion attention projections and the head's linear layer.
   finetune      everything but the patch embedding and Swin stage 1 (with its patch merging); BERT at lr/10.
-Every strategy runs on a fixed task prompt, so with a frozen BERT P0 is computed once.
+Every strategy runs on a fixed task prompt, so with a frozen BERT P0 is computed once. A step takes the one
+training batch (`adapt.grounding.GroundingBatch`, already on the model's device); strategies with a frozen
+backbone + FPN compute each training view's features there, per image, from a `FeatureCache` when one is
+attached (cached == uncached exactly: both run each view on its own 32-multiple canvas).
 """
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from adapt import STRATEGY_NAMES
+from adapt.cache import FeatureCache, own_padding, stack_levels
+from adapt.grounding import GroundingBatch
 from backbone.model import GLIP
 from backbone.outputs import HeadOutputs, PromptFeatures, VisualFeatures
 from backbone.processor import TokenizedPrompt
@@ -34,21 +40,6 @@ LORA_DEFAULT_TARGETS = r".*(fusion\.attn\.(v_proj|l_proj|values_v_proj|values_l_
                        r"|head\.dot_product_projection_text)"
 
 
-@dataclass
-class AdaptBatch:
-    """Training/eval input: pixels (backbone runs) or cached visual features (backbone skipped)."""
-
-    image_sizes: list[tuple[int, int]]
-    targets: list
-    pixel_values: Tensor | None = None
-    visual_levels: list[Tensor] | None = None
-
-    def visual(self, glip: GLIP) -> VisualFeatures:
-        if self.visual_levels is not None:
-            return VisualFeatures(self.visual_levels, self.image_sizes)
-        return glip.encode_images(self.pixel_values, self.image_sizes)
-
-
 class AdaptedGLIP(nn.Module):
     """A GLIP with one strategy attached, on one task prompt. `forward(batch) -> HeadOutputs`."""
 
@@ -63,10 +54,18 @@ class AdaptedGLIP(nn.Module):
         self.register_buffer("attention_mask", prompt.attention_mask.clone(), persistent=False)
         glip.requires_grad_(False)
         self._p0: PromptFeatures | None = None
+        self.feature_cache: FeatureCache | None = None
+
+    def use_feature_cache(self, cache: FeatureCache | None) -> None:
+        """Reuse the frozen backbone + FPN features of each training view (None turns the cache off)."""
+        if cache is not None and not self.frozen_visual:
+            raise ValueError(f"{self.name} trains the visual backbone, so its features cannot be cached; "
+                             "use cache_features=False (--no-cache) for it")
+        self.feature_cache = cache
 
     def base_prompt(self) -> PromptFeatures:
         """P0 of the task prompt from the frozen language backbone, computed once."""
-        if self._p0 is None:
+        if self._p0 is None or self._p0.hidden.device != self.input_ids.device:  # computed anew after .to()
             with torch.no_grad():
                 self._p0 = self.glip.encode_prompt(self.input_ids, self.attention_mask).detach()
         return self._p0
@@ -82,8 +81,23 @@ class AdaptedGLIP(nn.Module):
         self.glip.eval()  # frozen parts never train (no dropout, no drop-path)
         return self
 
-    def forward(self, batch: AdaptBatch) -> HeadOutputs:
-        visual = batch.visual(self.glip)
+    def visual_features(self, batch: GroundingBatch) -> VisualFeatures:
+        """Backbone + FPN on the batch's device: per training view when frozen (cached or not), else batched."""
+        if not (self.frozen_visual and batch.keys is not None):
+            return self.glip.encode_images(batch.pixel_values, batch.image_sizes)
+        levels = []
+        for i, (key, size) in enumerate(zip(batch.keys, batch.image_sizes)):
+            pixels = own_padding(batch.pixel_values[i:i + 1], size)
+            compute = functools.partial(self._frozen_levels, pixels, size)
+            levels.append(self.feature_cache.get(key, compute) if self.feature_cache is not None else compute())
+        return VisualFeatures(stack_levels(levels), batch.image_sizes)
+
+    @torch.no_grad()
+    def _frozen_levels(self, pixels: Tensor, size: tuple[int, int]) -> list[Tensor]:
+        return self.glip.encode_images(pixels, [size]).levels
+
+    def forward(self, batch: GroundingBatch) -> HeadOutputs:
+        visual = self.visual_features(batch)
         return self.glip.fuse_and_predict(visual, self.prompt_features().expand(visual.batch_size))
 
     def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
@@ -174,6 +188,7 @@ class LoRA(AdaptedGLIP):
         return {"weights": {}, "lora": lora}
 
 
-STRATEGIES: dict[str, type[AdaptedGLIP]] = {
-    "prompt-tune": PromptTuning, "linear-probe": LinearProbe, "lora": LoRA, "finetune": FullFinetune,
-}
+STRATEGIES: dict[str, type[AdaptedGLIP]] = {cls.name: cls for cls in (PromptTuning, LinearProbe, LoRA, FullFinetune)}
+if tuple(STRATEGIES) != STRATEGY_NAMES:
+    raise ImportError(f"adapt.STRATEGY_NAMES {STRATEGY_NAMES} and the strategy classes {tuple(STRATEGIES)} disagree; "
+                      "add the new strategy's name to adapt/__init__.py")

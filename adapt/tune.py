@@ -15,15 +15,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
+from adapt import STRATEGY_NAMES
 from adapt.adapter import Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
-from adapt.cache import FeatureCache, stack_levels
+from adapt.cache import FeatureCache
 from adapt.evaluation import evaluate, task_prompt
-from adapt.strategies import STRATEGIES, AdaptBatch, AdaptedGLIP, LoRA
+from adapt.grounding import GroundingBatch, GroundingCollator, grounding_loss, grounding_loss_fn
+from adapt.strategies import STRATEGIES, AdaptedGLIP, LoRA
 from adapt.train import TrainConfig, Trainer, load_trainable
 from backbone.detector import GLIPDetector
-from backbone.loss import GroundingLoss, GroundingTarget
+from backbone.device import DTYPES, resolve_device, resolve_dtype
 from backbone.model import GLIP
 from backbone.outputs import Detections
 from backbone.postprocess import Postprocessor
@@ -36,7 +37,7 @@ DEFAULT_WEIGHT_DECAY = {"prompt-tune": 0.25, "linear-probe": 0.05, "lora": 0.05,
 
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
-    strategy: str = field(metadata={"help": "prompt-tune, linear-probe, lora or finetune"})
+    strategy: str = field(metadata={"help": " | ".join(STRATEGY_NAMES)})
     task: str = field(metadata={"help": "task name or task file"})
     base: str = field(default="glip-nano", metadata={"help": "checkpoint name or path"})
     shots: int | None = field(default=None, metadata={"help": "images per category (None: all training data)"})
@@ -56,7 +57,13 @@ class TuneConfig:
                                                            "(off: keep the last one; saves the valid evaluations)"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the base before training"})
     out: Path | None = field(default=None, metadata={"help": "adapter file to write"})
-    run_dir: Path | None = field(default=None, metadata={"help": "checkpoints and logs (default: a temp folder)"})
+    run_dir: Path | None = field(default=None, metadata={"help": "checkpoints and logs (default: a temp folder, "
+                                                                 "removed at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in run_dir from its checkpoint"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (None: CUDA when available)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "training compute precision: float32, bfloat16 (autocast, CPU or CUDA) or float16 (autocast + "
+                "GradScaler, CUDA only); weights stay float32, evaluation runs in float32"})
     data_root: Path | None = None
     prompt_dtype: str | None = field(default=None, metadata={"help": "store P0 as float16/bfloat16 (half the "
                                                                          "bytes of a prompt adapter)"})
@@ -64,6 +71,14 @@ class TuneConfig:
     lora_alpha: float = 16.0
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N images only"})
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGY_NAMES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}; pass one of them")
+        if self.resume and self.run_dir is None:
+            raise ValueError("resume needs the run folder of the earlier run: pass run_dir (--run-dir DIR)")
 
 
 def default_steps(shots: int | None) -> int:
@@ -91,7 +106,8 @@ class AdaptDataset:
     """Training samples of a (few-shot) split; index i is image i % n in view (i // n) % views.
 
     A view is (scale, flip): the image flipped or not, resized to scale x the model's input short side by
-    the collator. Views are fixed so the feature cache can hold each one (key: image id and view)."""
+    the collator. Views are fixed so the feature cache can hold each one (key: image id and view). A
+    sample is `(image, target)` for `adapt.grounding.GroundingCollator` with a task prompt."""
 
     def __init__(self, split, image_ids, views=((1.0, False),), min_size: int | None = None):
         if not image_ids:
@@ -112,46 +128,8 @@ class AdaptDataset:
             image = image.transpose(0)  # PIL FLIP_LEFT_RIGHT
             boxes[:, [0, 2]] = image.width - boxes[:, [2, 0]]
         min_size = None if scale == 1.0 else round(self.min_size * scale)
-        return {"image": image, "boxes": boxes, "labels": target["labels"], "min_size": min_size,
-                "key": (image_id, scale, flip)}
-
-
-def backbone_levels(glip: GLIP):
-    """`(pixels (1, 3, H, W), image_size) -> levels`: the frozen backbone + FPN on one image."""
-    return lambda pixels, size: glip.encode_images(pixels, [size]).levels
-
-
-class AdaptCollator:
-    def __init__(self, processor: GLIPProcessor, positive_map: Tensor, glip: GLIP, frozen_visual: bool,
-                 cache: FeatureCache | None):
-        self.processor, self.positive_map = processor, positive_map
-        self.frozen_visual, self.cache = frozen_visual, cache
-        self.compute_levels = cache.compute if cache is not None else backbone_levels(glip)
-
-    def __call__(self, samples: list[dict]) -> AdaptBatch:
-        batch = self.processor.preprocess([s["image"] for s in samples],
-                                          min_sizes=[s.get("min_size") for s in samples])
-        targets = []
-        for sample, size, original in zip(samples, batch.image_sizes, batch.original_sizes):
-            boxes = rescale_boxes(sample["boxes"], original, size)  # original pixels -> network input
-            targets.append(GroundingTarget(boxes=boxes, positive_map=self.positive_map[sample["labels"]]))
-        if not self.frozen_visual:
-            return AdaptBatch(batch.image_sizes, targets, pixel_values=batch.pixel_values)
-        levels = []
-        for i, (sample, size) in enumerate(zip(samples, batch.image_sizes)):
-            pixels = _own_padding(batch.pixel_values[i:i + 1], size)
-            if self.cache is not None:
-                levels.append(self.cache.get(sample["key"], pixels, size))
-            else:
-                with torch.no_grad():
-                    levels.append(self.compute_levels(pixels, size))
-        return AdaptBatch(batch.image_sizes, targets, visual_levels=stack_levels(levels))
-
-
-def _own_padding(pixels: Tensor, size: tuple[int, int]) -> Tensor:
-    """An image cropped to its own 32-multiple canvas: its features must not depend on its batch-mates."""
-    height, width = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
-    return pixels[..., :height, :width]
+        return image, {"boxes": boxes, "labels": target["labels"], "min_size": min_size,
+                       "key": (image_id, scale, flip)}
 
 
 def adapted_detect_fn(model: AdaptedGLIP, processor: GLIPProcessor, postprocessor: Postprocessor, categories):
@@ -160,8 +138,9 @@ def adapted_detect_fn(model: AdaptedGLIP, processor: GLIPProcessor, postprocesso
     @torch.no_grad()
     def detect(images, label_lists):
         batch = processor.preprocess(images)
-        outputs = model(AdaptBatch(batch.image_sizes, [], pixel_values=batch.pixel_values))
-        finals = postprocessor(outputs, model.task_prompt.positive_map)
+        device = model.input_ids.device
+        outputs = model(GroundingBatch(batch.pixel_values.to(device), batch.image_sizes, []))
+        finals = postprocessor(outputs, model.task_prompt.positive_map.to(device))
         return [Detections(rescale_boxes(f.boxes, batch.image_sizes[i], batch.original_sizes[i]), f.scores, f.labels,
                            list(categories)) for i, f in enumerate(finals)]
 
@@ -170,7 +149,7 @@ def adapted_detect_fn(model: AdaptedGLIP, processor: GLIPProcessor, postprocesso
 
 def build_strategy(name: str, glip: GLIP, prompt: TokenizedPrompt, config: TuneConfig) -> AdaptedGLIP:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGY_NAMES)}")
     if name == "lora":
         return LoRA(glip, prompt, r=config.lora_r, alpha=config.lora_alpha)
     return STRATEGIES[name](glip, prompt)
@@ -179,78 +158,47 @@ def build_strategy(name: str, glip: GLIP, prompt: TokenizedPrompt, config: TuneC
 def tune(config: TuneConfig) -> dict:
     """Run one adaptation; returns the report (also written beside the adapter)."""
     from tasks import get_task
-    from tasks.fewshot import sample_few_shot
 
     started = time.perf_counter()
     if config.out is not None:
         _check_writable(Path(config.out).parent)
     views = training_views(config.scales, config.augment)
     resolve_prompt_dtype(config.prompt_dtype)  # refuse a bad --prompt-dtype before training, not after
+    device = resolve_device(config.device)
+    resolve_dtype(config.dtype, device)  # refuse float16 on CPU before any work
     task = get_task(config.task, data_root=config.data_root)
     train_split = task.split("train")
-    subset = sample_few_shot(train_split, config.shots, config.seed) if config.shots else None
-    image_ids = list(subset.image_ids) if subset else list(train_split.image_ids)
-    if not image_ids:
-        raise ValueError(f"task {task.name!r} has no training images")
+    subset, image_ids = _training_images(task, train_split, config)
     test_split = task.split(task.eval_split)
     valid_split = task.split("valid") if config.validate and "valid" in task.splits else None
 
-    glip = GLIP.from_pretrained(config.base)
+    glip = GLIP.from_pretrained(config.base).to(device)
     fingerprint = base_fingerprint(glip)
     processor = GLIPProcessor.from_config(glip.config)
     postprocessor = Postprocessor.from_config(glip.config)
     prompt = task_tokens(processor, task.categories)
     report = {"strategy": config.strategy, "task": task.name, "base": config.base, "shots": config.shots,
               "seed": config.seed, "few_shot": subset.describe() if subset else "all training images",
-              "train_images": len(image_ids), "prompt": prompt.caption}
+              "train_images": len(image_ids), "prompt": prompt.caption, "device": str(device), "dtype": config.dtype}
     if config.zero_shot:
         report["zero_shot"] = _metrics(evaluate(GLIPDetector(glip, processor, postprocessor), test_split,
                                                 limit=config.eval_limit))
 
     model = build_strategy(config.strategy, glip, prompt, config)
-    trainable = model.trainable_names()
     report["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report["trainable_tensors"] = len(trainable)
-    use_cache = config.cache_features and model.frozen_visual
-    cache = FeatureCache(backbone_levels(glip)) if use_cache else None
+    report["trainable_tensors"] = len(model.trainable_names())
+    cache = FeatureCache() if config.cache_features and model.frozen_visual else None
+    model.use_feature_cache(cache)
     dataset = AdaptDataset(train_split, image_ids, views, min_size=glip.config.image.min_size)
-    collate = AdaptCollator(processor, prompt.positive_map, glip, model.frozen_visual, cache)
-    steps = config.steps or default_steps(config.shots)
-    if config.epochs:
-        steps = max(1, math.ceil(config.epochs * len(dataset) / min(config.batch_size, len(dataset))))
-    eval_every = config.eval_every or max(steps // 4, 25)
     detect_fn = adapted_detect_fn(model, processor, postprocessor, task.category_names)
-
-    def eval_fn(wrapped) -> dict:
-        if valid_split is None:
-            return {}
-        return {"AP": evaluate(None, valid_split, limit=config.eval_limit, detect_fn=detect_fn)["AP"]}
-
-    run_dir = Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix=f"adapt-{config.strategy}-"))
-    train_config = TrainConfig(
-        out_dir=run_dir, lr=config.lr or DEFAULT_LR[config.strategy],
-        weight_decay=config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.strategy],
-        lr_multipliers=(("glip.text.", 0.1),) if config.strategy == "finetune" else (),
-        schedule="cosine", warmup_steps=min(20, steps // 10), max_steps=steps,
-        batch_size=min(config.batch_size, len(dataset)), grad_clip=1.0, eval_every=eval_every,
-        checkpoint_every=max(steps, 1), best_metric="AP" if valid_split is not None else None, seed=config.seed,
-        log_every=10, progress=config.progress, max_bad_steps=10)
-    trainer = Trainer(model, train_config, _loss_fn(), dataset, collate_fn=collate,
-                      eval_fn=eval_fn if valid_split is not None else None)
-    train_started = time.perf_counter()
-    try:
-        result = trainer.fit(resume=False)
-        train_seconds = time.perf_counter() - train_started
-        if result.best_path is not None and Path(result.best_path).exists():
-            load_trainable(model, result.best_path)
-    finally:
-        if config.run_dir is None:  # a temp folder of ours: the adapter file is the result, not the checkpoints
-            shutil.rmtree(run_dir, ignore_errors=True)
+    result, train_seconds = _fit(model, config, dataset, GroundingCollator(processor, task_prompt=prompt),
+                                 valid_split, detect_fn)
     model.eval()
     report["tuned"] = _metrics(evaluate(None, test_split, limit=config.eval_limit, detect_fn=detect_fn))
     report["timings"] = {"train_s": round(train_seconds, 2), "step_s": round(train_seconds / max(result.step, 1), 4),
                          "steps": result.step, "total_s": 0.0, "feature_cache": cache.stats() if cache else None}
     report["best_valid"] = {"step": result.best_step, "AP": result.best_value}
+    report["resumed_from_step"] = result.resumed_from_step
 
     adapter = make_adapter(model, task, prompt, config, fingerprint, report)
     if config.out is not None:
@@ -258,6 +206,56 @@ def tune(config: TuneConfig) -> dict:
         report["adapter"] = {"path": str(config.out), "bytes": Path(config.out).stat().st_size}
     report["timings"]["total_s"] = round(time.perf_counter() - started, 2)
     return report
+
+
+def _training_images(task, train_split, config: TuneConfig):
+    from tasks.fewshot import sample_few_shot
+
+    subset = sample_few_shot(train_split, config.shots, config.seed) if config.shots else None
+    image_ids = list(subset.image_ids) if subset else list(train_split.image_ids)
+    if not image_ids:
+        raise ValueError(f"task {task.name!r} has no training images")
+    return subset, image_ids
+
+
+def train_config_for(config: TuneConfig, run_dir: Path, num_samples: int, has_valid: bool) -> TrainConfig:
+    """The engine settings of an adaptation run (CPU-budget schedule; checkpoints at each evaluation when
+    the run folder is kept, so a cut run resumes)."""
+    steps = config.steps or default_steps(config.shots)
+    if config.epochs:
+        steps = max(1, math.ceil(config.epochs * num_samples / min(config.batch_size, num_samples)))
+    eval_every = config.eval_every or max(steps // 4, 25)
+    weight_decay = config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.strategy]
+    return TrainConfig(
+        out_dir=run_dir, lr=config.lr or DEFAULT_LR[config.strategy], weight_decay=weight_decay,
+        lr_multipliers=(("glip.text.", 0.1),) if config.strategy == "finetune" else (),
+        schedule="cosine", warmup_steps=min(20, steps // 10), max_steps=steps,
+        batch_size=min(config.batch_size, num_samples), grad_clip=1.0, eval_every=eval_every,
+        checkpoint_every=min(eval_every, steps) if config.run_dir else steps,
+        best_metric="AP" if has_valid else None, seed=config.seed, log_every=10, progress=config.progress,
+        max_bad_steps=10, device=config.device, dtype=config.dtype)
+
+
+def _fit(model: AdaptedGLIP, config: TuneConfig, dataset: AdaptDataset, collate: GroundingCollator, valid_split,
+         detect_fn):
+    """Train (or resume) in the run folder, then load the best validation checkpoint: (TrainResult, seconds)."""
+    def eval_fn(wrapped) -> dict:
+        return {"AP": evaluate(None, valid_split, limit=config.eval_limit, detect_fn=detect_fn)["AP"]}
+
+    run_dir = Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix=f"adapt-{config.strategy}-"))
+    train_config = train_config_for(config, run_dir, len(dataset), valid_split is not None)
+    trainer = Trainer(model, train_config, grounding_loss_fn(grounding_loss(model.glip.config)), dataset,
+                      collate_fn=collate, eval_fn=eval_fn if valid_split is not None else None)
+    started = time.perf_counter()
+    try:
+        result = trainer.fit(resume=config.resume)
+        seconds = time.perf_counter() - started
+        if result.best_path is not None and Path(result.best_path).exists():
+            load_trainable(model, result.best_path)
+    finally:
+        if config.run_dir is None:  # a temp folder of ours: the adapter file is the result, not the checkpoints
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return result, seconds
 
 
 def make_adapter(model: AdaptedGLIP, task, prompt: TokenizedPrompt, config: TuneConfig, fingerprint: str,
@@ -275,15 +273,6 @@ def make_adapter(model: AdaptedGLIP, task, prompt: TokenizedPrompt, config: Tune
         training={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         evaluation={"zero_shot": report.get("zero_shot"), "tuned": report.get("tuned")},
     )
-
-
-def _loss_fn():
-    loss = GroundingLoss()
-
-    def compute(model, batch: AdaptBatch) -> dict[str, Tensor]:
-        return loss(model(batch), batch.targets)
-
-    return compute
 
 
 def _metrics(metrics: dict) -> dict:

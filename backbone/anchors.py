@@ -14,21 +14,25 @@ from torch import Tensor
 _MAX_LOG_RATIO = math.log(1000.0 / 16)
 
 
-def anchor_template(stride: int, size: int) -> Tensor:
+def anchor_template(stride: int, size: int, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
     """The (1, 4) template anchor of a level: centred at (stride-1)/2, side `size` in the "+1" convention."""
     centre = (stride - 1) / 2
     half = (size - 1) / 2
-    return torch.tensor([[centre - half, centre - half, centre + half, centre + half]])
+    return torch.tensor([[centre - half, centre - half, centre + half, centre + half]], device=device, dtype=dtype)
 
 
 def grid_anchors(level_shapes: list[tuple[int, int]], strides: tuple[int, ...], base_size: int,
-                 device: torch.device | None = None) -> Tensor:
-    """Anchors of all levels, concatenated finest first, row-major (y, x) within a level: (N, 4) xyxy."""
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Anchors of all levels, concatenated finest first, row-major (y, x) within a level: (N, 4) xyxy.
+
+    Made directly on `device` (the feature maps' device, as torchvision's AnchorGenerator does), in `dtype`
+    (float32 by default: pixel coordinates of large images need more than bf16's 8 mantissa bits)."""
     per_level = []
     for (h, w), stride in zip(level_shapes, strides):
-        template = anchor_template(stride, base_size * stride).to(device)
-        ys = torch.arange(h, device=device, dtype=torch.float32) * stride
-        xs = torch.arange(w, device=device, dtype=torch.float32) * stride
+        template = anchor_template(stride, base_size * stride, device, dtype)
+        ys = torch.arange(h, device=device, dtype=dtype) * stride
+        xs = torch.arange(w, device=device, dtype=dtype) * stride
         shift_y, shift_x = torch.meshgrid(ys, xs, indexing="ij")
         shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=-1).reshape(-1, 4)
         per_level.append(shifts + template)

@@ -9,6 +9,11 @@ Facts (not code) from the official GLIP (microsoft/GLIP): `ATSSLossComputation` 
 The official `__call__` is one 352-line function; here each step is its own function:
 `assign_targets` (ATSS, per image) -> `token_targets` / `centerness_targets` -> `alignment_loss`,
 `box_loss`, `centerness_loss`, and `GroundingLoss` strings them together.
+
+Device discipline: every tensor made here is made on the device (and float dtype) of the tensors it meets,
+and nothing reads a value back to the host except the input checks, which run only when the data is on
+the CPU (where reading a value costs nothing; on CUDA they would stall the stream every step). The one
+data-dependent size is the set of positive anchors (`nonzero`), inherent to the loss.
 """
 from __future__ import annotations
 
@@ -138,10 +143,10 @@ def assign_targets(anchors: Tensor, level_shapes: list[tuple[int, int]], target:
     sides = torch.cat([centres - boxes[:, :2], boxes[:, 2:] - centres], dim=-1)  # (C, K, 4) l, t, r, b
     is_positive &= sides.min(-1).values > _INSIDE_MARGIN
 
-    # Highest IoU wins among the boxes an anchor is positive for; -inf marks "not positive".
+    # Highest IoU wins among the boxes an anchor is positive for; -inf marks "not positive". A column of
+    # `candidates` never repeats an anchor (levels are disjoint ranges), so the scatter has no collisions.
     positive_ious = torch.full_like(ious, float("-inf"))  # (N, K)
-    box_index = torch.arange(num_boxes, device=anchors.device).expand_as(candidates)
-    positive_ious[candidates[is_positive], box_index[is_positive]] = candidate_ious[is_positive]
+    positive_ious.scatter_(0, candidates, candidate_ious.masked_fill(~is_positive, float("-inf")))
     best_iou, best_box = positive_ious.max(dim=1)
     return torch.where(best_iou > float("-inf"), best_box, matched)
 
@@ -155,7 +160,7 @@ def token_targets(matched_gt_index: Tensor, positive_map: Tensor, num_tokens: in
     """
     num_boxes, width = positive_map.shape
     if width > num_tokens:
-        if positive_map[:, num_tokens:].any():
+        if _host_check(positive_map) and positive_map[:, num_tokens:].any():
             raise ValueError(f"positive_map marks tokens at positions >= {num_tokens}, beyond the prompt the "
                              "logits were computed for; tokenize the prompt and the phrases together")
         positive_map = positive_map[:, :num_tokens]
@@ -175,6 +180,11 @@ def centerness_targets(anchors: Tensor, boxes: Tensor) -> Tensor:
     far = boxes[:, 2:] - centres  # (P, 2) r, b
     ratios = torch.minimum(near, far) / torch.maximum(near, far)  # (P, 2)
     return torch.sqrt(ratios[:, 0] * ratios[:, 1])
+
+
+def _host_check(data: Tensor) -> bool:
+    """Whether to run a value check on `data`: only on the CPU, where reading a value back is free."""
+    return data.device.type == "cpu"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,8 +212,10 @@ def alignment_loss(logits: Tensor, targets: Tensor, text_mask: Tensor, normalise
         alpha, gamma: focal loss parameters (official TOKEN_ALPHA, TOKEN_GAMMA).
     """
     valid = text_mask.bool()[:, None, :].expand_as(logits)  # (B, N, T)
-    # Select before computing so that padded positions cannot leak NaN/inf into the sum or its gradient.
-    return sigmoid_focal_loss(logits[valid], targets[valid], alpha=alpha, gamma=gamma, reduction="sum") / normaliser
+    # Zero padded logits before computing so that they cannot leak NaN/inf into the sum or its gradient
+    # (a masked fill instead of a boolean selection: no data-dependent size, no host sync).
+    losses = sigmoid_focal_loss(logits.masked_fill(~valid, 0.0), targets, alpha=alpha, gamma=gamma, reduction="none")
+    return losses.masked_fill(~valid, 0.0).sum() / normaliser
 
 
 def giou_loss(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
@@ -238,19 +250,18 @@ def box_loss(box_deltas: Tensor, anchors: Tensor, target_boxes: Tensor, weights:
         normaliser: official: the sum of the centerness targets, averaged over processes.
         box_coder: decodes `box_deltas` relative to `anchors`.
 
-    With no positive anchor, returns a zero that still depends on `box_deltas`.
+    With no positive anchor, returns a zero that still depends on `box_deltas` (branch-free: P may be a
+    data-dependent size, so it is never read on the host).
     """
-    if box_deltas.shape[0] == 0:
-        return box_deltas.sum()
     losses = giou_loss(box_coder.decode(box_deltas, anchors), target_boxes)  # (P,)
     total = torch.where(weights.sum() > 0, (losses * weights).sum(), losses.sum())
+    if isinstance(normaliser, Tensor):  # 0 only without positives, where total is 0 too
+        normaliser = torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
     return total / normaliser
 
 
 def centerness_loss(logits: Tensor, targets: Tensor, normaliser: Tensor | float) -> Tensor:
     """(P,) centerness logits of the positive anchors vs (P,) targets: BCE-with-logits sum / `normaliser`."""
-    if logits.shape[0] == 0:
-        return logits.sum()
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / normaliser
 
 
@@ -300,7 +311,7 @@ class GroundingLoss(nn.Module):
         for i, target in enumerate(targets):
             positive_map = target.positive_map.to(anchors.device)
             width = min(positive_map.shape[1], num_tokens)
-            if (positive_map[:, :width] & ~text_mask[i, :width]).any():
+            if _host_check(positive_map) and (positive_map[:, :width] & ~text_mask[i, :width]).any():
                 raise ValueError(f"image {i}: positive_map marks tokens where text_mask is 0 (padding); "
                                  "the phrases must be tokens of that image's prompt")
             matched.append(assign_targets(anchors, outputs.level_shapes, target, self.topk))
@@ -321,10 +332,11 @@ class GroundingLoss(nn.Module):
                                         alpha=self.focal_alpha, gamma=self.focal_gamma)
 
         image_index, anchor_index = positive.nonzero(as_tuple=True)  # (P,), (P,)
-        box_offsets = torch.tensor([0] + [t.boxes.shape[0] for t in targets], device=anchors.device).cumsum(0)
+        starts = [sum(t.boxes.shape[0] for t in targets[:i]) for i in range(len(targets))]
+        batch_match = torch.stack([row + start for row, start in zip(matched, starts)])  # into all_boxes
         all_boxes = torch.cat([t.boxes.to(anchors) for t in targets])  # (sum K, 4)
         pos_anchors = anchors[anchor_index]  # (P, 4)
-        gt_boxes = all_boxes[box_offsets[image_index] + matched[image_index, anchor_index]]  # (P, 4)
+        gt_boxes = all_boxes[batch_match[image_index, anchor_index]]  # (P, 4)
         # The official code regresses decode(encode(gt)): equal to gt unless the width ratio hits the clamp.
         gt_boxes = self.box_coder.decode(self.box_coder.encode(gt_boxes, pos_anchors), pos_anchors)
         ctr_targets = centerness_targets(pos_anchors, gt_boxes)  # (P,)

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from adapt import STRATEGY_NAMES
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,7 +22,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-limit", type=int, default=100)
-    parser.add_argument("--strategies", nargs="*", default=["prompt-tune", "linear-probe", "lora"])
+    parser.add_argument("--strategies", nargs="*", default=[s for s in STRATEGY_NAMES if s != "finetune"],
+                        help="strategies with a frozen backbone (the ones the cache serves)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -18,18 +18,19 @@ import json
 import time
 from pathlib import Path
 
+from adapt import STRATEGY_NAMES
 from glip_io import atomic_write
 
 # Step counts and evaluation sizes are set so each preset fits its time budget on a 2-core CPU (quick: <= 30 min
 # with 2 threads; full: <= 150 min as two 1-thread shards). Batch 4; the LR per strategy is adapt.tune's default.
 PRESETS = {
     "quick": {"models": ["glip-nano", "glip-nano-a"], "tasks": ["icons-aquarium", "icons-described"],
-              "shots": [0, 1, 10], "seeds": [0], "strategies": ["linear-probe", "prompt-tune", "lora", "finetune"],
+              "shots": [0, 1, 10], "seeds": [0], "strategies": list(STRATEGY_NAMES),
               "eval_limit": 100, "steps": {1: 60, 10: 120}, "validate": True},
     "full": {"models": ["glip-nano", "glip-nano-a"],
              "tasks": ["icons-aquarium", "icons-vehicles", "icons-thermal", "icons-aerial", "icons-described"],
              "shots": [0, 1, 3, 5, 10, None], "seeds": [0, 1, 2],
-             "strategies": ["linear-probe", "prompt-tune", "lora", "finetune"], "eval_limit": 50,
+             "strategies": list(STRATEGY_NAMES), "eval_limit": 50,
              "steps": {1: 20, 3: 30, 5: 40, 10: 50, None: 60}, "validate": False},
 }
 FIELDS = ["model", "task", "strategy", "shots", "seed", "AP", "AP50", "zero_shot_AP", "train_s", "step_s",
@@ -67,12 +68,15 @@ def shard_jobs(jobs: list[tuple], preset: dict, count: int) -> list[list[tuple]]
     return shards
 
 
-def run_all(preset: dict, out: Path, data_root: Path | None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+def run_all(preset: dict, out: Path, data_root: Path | None, shard: tuple[int, int] = (0, 1), *,
+            device: str | None = None, dtype: str = "float32") -> list[dict]:
     """Run this shard's share of the plan (`shard_jobs`: shards of similar estimated cost), appending each
-    finished run to out/results.csv; runs already there are skipped."""
+    finished run to out/results.csv; runs already there are skipped. `device`/`dtype` are the training's
+    (adapt.tune.TuneConfig); evaluation runs in float32 on `device`."""
     from adapt.evaluation import evaluate
     from adapt.tune import TuneConfig, tune
     from backbone.detector import GLIPDetector
+    from backbone.device import resolve_device
     from tasks import get_task
 
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,9 @@ def run_all(preset: dict, out: Path, data_root: Path | None, shard: tuple[int, i
         started = time.perf_counter()
         if shots == 0:
             split = get_task(task, data_root=data_root).split("test")
-            metrics = evaluate(GLIPDetector.from_pretrained(model), split, limit=preset["eval_limit"])
+            detector = GLIPDetector.from_pretrained(model)
+            detector.model.to(resolve_device(device))
+            metrics = evaluate(detector, split, limit=preset["eval_limit"])
             save({"model": model, "task": task, "strategy": "zero-shot", "shots": "0", "seed": 0,
                   "AP": round(metrics["AP"], 2), "AP50": round(metrics["AP50"], 2)})
             print(f"{model} {task} zero-shot: AP {metrics['AP']:.1f}", flush=True)
@@ -104,7 +110,7 @@ def run_all(preset: dict, out: Path, data_root: Path | None, shard: tuple[int, i
         report = tune(TuneConfig(
             strategy=strategy, task=task, base=model, shots=shots, seed=seed, steps=preset["steps"][shots],
             eval_limit=preset["eval_limit"], validate=preset["validate"], zero_shot=False, data_root=data_root,
-            progress=False, out=adapter_path))
+            progress=False, out=adapter_path, device=device, dtype=dtype))
         if strategy == "finetune":  # a full weight set per run would fill the disk; its size is in the row
             adapter_path.unlink()
         save({"model": model, "task": task, "strategy": strategy, "shots": shots_label(shots), "seed": seed,
@@ -137,7 +143,7 @@ def summarise(rows: list[dict], out: Path) -> None:
     mean = {k: sum(v) / len(v) for k, v in table.items()}
     models = sorted({k[0] for k in mean})
     tasks = sorted({k[1] for k in mean})
-    strategies = [s for s in ["linear-probe", "prompt-tune", "lora", "finetune"] if any(k[2] == s for k in mean)]
+    strategies = [s for s in STRATEGY_NAMES if any(k[2] == s for k in mean)]
     shot_order = [s for s in ["0", "1", "3", "5", "10", "full"] if any(k[3] == s for k in mean)]
 
     def value(model, task, strategy, shots):
@@ -208,6 +214,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", help="override the preset's tasks")
     parser.add_argument("--shard", default="0/1", help="I/N: run shard I of N shards of similar cost (parallel "
                                                       "shards write separate --out folders; merge with --combine)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="training compute precision (autocast; float16 on CUDA only)")
     parser.add_argument("--combine", nargs="*", type=Path,
                         help="only summarise: merge the results.csv of these run folders into --out")
     args = parser.parse_args()
@@ -232,7 +241,8 @@ def main() -> None:
             writer.writerows(rows)
     else:
         index, count = (int(part) for part in args.shard.split("/"))
-        rows = fill_zero_shot(run_all(preset, out, args.data_root, (index, count)))
+        rows = fill_zero_shot(run_all(preset, out, args.data_root, (index, count), device=args.device,
+                                      dtype=args.dtype))
     summarise(rows, out)
     print((out / "table.md").read_text())
     print(json.dumps({"runs": len(rows), "wall_s": round(time.perf_counter() - started, 1), "out": str(out)}))

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from adapt.adapter import AdapterError, load_adapter, read_metadata
 from adapt.cli import app
 from adapt.predict import AdapterDetector
-from adapt.strategies import (FINETUNE_FROZEN_PREFIXES, LINEAR_PROBE_PARAMETERS, AdaptBatch, LinearProbe, LoRA,
-                              PromptTuning)
+from adapt.grounding import GroundingBatch
+from adapt.strategies import FINETUNE_FROZEN_PREFIXES, LINEAR_PROBE_PARAMETERS, LinearProbe, LoRA, PromptTuning
 from adapt.tune import TuneConfig, tune
 from backbone.checkpoints import save_model
 from backbone.config import tiny_for_tests
@@ -75,7 +75,7 @@ def test_zero_initialised_prompt_offset_and_lora_leave_outputs_unchanged():
     torch.manual_seed(0)
     glip = GLIP.from_config(tiny_for_tests()).eval()
     _, prompt = tiny_prompt(glip)
-    batch = AdaptBatch([(64, 64)], [], pixel_values=torch.randn(1, 3, 64, 64))
+    batch = GroundingBatch(torch.randn(1, 3, 64, 64), [(64, 64)], [])
     with torch.no_grad():
         base = glip(glip.encode_prompt(prompt.input_ids, prompt.attention_mask), batch.pixel_values)
         tuned = PromptTuning(glip, prompt).eval()(batch)
@@ -128,7 +128,8 @@ def test_feature_cache_gives_the_same_training_result(workspace):
 
 def test_scale_and_flip_views_are_cached_once_each_with_matching_boxes(workspace):
     from adapt.cache import FeatureCache
-    from adapt.tune import AdaptCollator, AdaptDataset, backbone_levels, task_tokens, training_views
+    from adapt.grounding import GroundingCollator
+    from adapt.tune import AdaptDataset, task_tokens, training_views
     from tasks import get_task
 
     views = training_views((0.5, 1.0), flip=True)
@@ -138,11 +139,17 @@ def test_scale_and_flip_views_are_cached_once_each_with_matching_boxes(workspace
     task = get_task(TASK, data_root=workspace / "data")
     split = task.split("train")
     dataset = AdaptDataset(split, split.image_ids[:2], views, min_size=glip.config.image.min_size)
-    cache = FeatureCache(backbone_levels(glip))
-    collate = AdaptCollator(processor, task_tokens(processor, task.categories).positive_map, glip, True, cache)
+    prompt = task_tokens(processor, task.categories)
+    model = PromptTuning(glip, prompt).train()
+    cache = FeatureCache()
+    model.use_feature_cache(cache)
+    collate = GroundingCollator(processor, task_prompt=prompt)
     samples = [dataset[i] for i in range(len(dataset))]
     for _ in range(2):  # a second epoch is all cache hits
         batches = [collate(samples[i:i + 2]) for i in range(0, len(samples), 2)]
+        for batch in batches:
+            with torch.no_grad():
+                model(batch)
     assert cache.stats()["misses"] == 8 and cache.stats()["hits"] == 8
     # sample i is image i % 2 in view i // 2: image 0 at (0.5, no flip) vs (1.0, no flip)
     half, full = collate([samples[0]]), collate([samples[4]])
@@ -268,3 +275,47 @@ def test_cli_inspect_predict_eval_and_merge(workspace, tmp_path):
     torch.testing.assert_close(a.scores, b.scores)
     bad = runner.invoke(app, ["adapters", "inspect", str(tmp_path / "missing.safetensors")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_a_cut_tune_run_resumes_from_its_run_dir_to_the_uncut_adapter(workspace, tmp_path, monkeypatch):
+    from adapt.train.trainer import Trainer
+
+    options = dict(zero_shot=False, steps=8, eval_every=4, batch_size=2)
+    run(workspace, "prompt-tune", out=tmp_path / "uncut.safetensors", run_dir=tmp_path / "uncut", **options)
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt  # the run is cut right after its first checkpoint
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", **options)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut.safetensors").exists()
+    with pytest.raises(FileExistsError, match="resume"):
+        run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", **options)
+    report = run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", resume=True,
+                 **options)
+    assert report["resumed_from_step"] == 4 and report["timings"]["steps"] == 8
+    resumed, uncut = load_adapter(tmp_path / "cut.safetensors"), load_adapter(tmp_path / "uncut.safetensors")
+    torch.testing.assert_close(resumed.prompt.hidden, uncut.prompt.hidden, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="resume needs the run folder"):
+        TuneConfig(strategy="prompt-tune", task=TASK, resume=True)
+
+
+def test_cli_resume_and_device_options(workspace, tmp_path):
+    runner = CliRunner()
+    common = ["--task", TASK, "--base", str(workspace / "tiny.safetensors"), "--shots", "1", "--steps", "2",
+              "--out", str(tmp_path / "a.safetensors")]
+    env = {"ADAPT_DATA": str(workspace / "data")}
+    bad = runner.invoke(app, ["prompt-tune", *common, "--dtype", "float16", "--device", "cpu"], env=env)
+    assert bad.exit_code == 2 and "float16 runs on CUDA only" in bad.output
+    done = runner.invoke(app, ["linear-probe", *common, "--dtype", "bfloat16", "--run-dir", str(tmp_path / "run")],
+                         env=env)
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "a.safetensors").exists()
+    again = runner.invoke(app, ["linear-probe", *common, "--dtype", "bfloat16", "--run-dir", str(tmp_path / "run"),
+                                "--resume"], env=env)
+    assert again.exit_code == 0, again.output

@@ -19,3 +19,11 @@ def test_pretraining_runs_evaluates_and_writes_loadable_weights(tmp_path):
     model = GLIP.from_pretrained(str(weights))
     assert model.config.name == "tiny"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_pretraining_with_bf16_autocast_on_cpu(tmp_path):
+    summary = pretrain(PretrainConfig(preset="tiny", steps=2, batch_size=2, warmup_steps=0, eval_every=2,
+                                      eval_images=2, checkpoint_every=2, out_dir=tmp_path / "run", device="cpu",
+                                      dtype="bfloat16", data_root=tmp_path / "data", resume=False))
+    assert summary["steps"] == 2 and summary["dtype"] == "bfloat16" and summary["device"] == "cpu"
+    assert summary["skipped_nonfinite"] == 0

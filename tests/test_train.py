@@ -1,4 +1,4 @@
-"""The training engine (adapt/train.py) on a tiny learnable problem (tests/_train_helpers.py)."""
+"""The training engine (adapt/train/) on a tiny learnable problem (tests/_train_helpers.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -208,19 +208,22 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path):
         dtypes.append(pred.dtype)
         return {"loss": nn.functional.mse_loss(pred.float(), batch["y"])}
 
-    result = Trainer(make_model(), make_config(tmp_path / "a", amp="bf16", max_steps=60), bf16_loss, ToyData()).fit()
+    result = Trainer(make_model(), make_config(tmp_path / "a", dtype="bfloat16", max_steps=60), bf16_loss,
+                     ToyData()).fit()
     losses = [r["loss"] for r in records(tmp_path / "a")]
     assert set(dtypes) == {torch.bfloat16} and result.updates == 60
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
-    with pytest.raises(ValueError, match=r"amp='fp16' needs a CUDA device.*amp='bf16'"):
-        Trainer(make_model(), make_config(tmp_path / "b", amp="fp16", device="cpu"), loss_fn, ToyData())
+    with pytest.raises(ValueError, match=r"float16 runs on CUDA only; on CPU use bfloat16"):
+        Trainer(make_model(), make_config(tmp_path / "b", dtype="float16", device="cpu"), loss_fn, ToyData())
+    with pytest.raises(ValueError, match=r"TrainConfig.amp='bf16': was replaced by dtype. Fix: pass dtype='bfloat16'"):
+        make_config(tmp_path / "c", amp="bf16")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_with_grad_scaler_on_cuda(tmp_path):
     model = make_model()
-    result = Trainer(model, make_config(tmp_path, amp="fp16", device="cuda", max_steps=60), loss_fn, ToyData()).fit()
+    result = Trainer(model, make_config(tmp_path, dtype="float16", device="cuda", max_steps=60), loss_fn, ToyData()).fit()
     losses = [r["loss"] for r in records(tmp_path)]
     assert result.updates + result.skipped_overflow == 60 and result.updates > 50
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
