@@ -200,7 +200,8 @@ def test_uploads_while_serving_never_break_the_task(tmp_path, processor):
 
 def test_adapter_names_are_validated():
     assert validate_name("icons-aquarium") == "icons-aquarium"
-    for bad in ["../etc/passwd", "a/b", "", ".hidden", "a..b", "UPPER", "x" * 65, "a\\b", "trailing-", "nul\x00"]:
+    for bad in ["../etc/passwd", "a/b", "", ".hidden", "UPPER", "x" * 65, "a\\b", "nul\x00", "x\n", "x\r", " x",
+                "x\n.safetensors"]:
         with pytest.raises(InvalidAdapterName):
             validate_name(bad)
 

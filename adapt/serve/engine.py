@@ -36,7 +36,9 @@ from PIL import Image
 from torch import Tensor
 
 from adapt.serve.metrics import Metrics, server_metrics
+from adapt.serve.lora import grouped_lora
 from adapt.serve.pool import AdapterPool, LoadedAdapter
+from backbone.device import autocast, resolve_device, resolve_dtype
 from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
 from backbone.postprocess import Candidates, Postprocessor
@@ -61,6 +63,9 @@ class EngineConfig:
         default=False, metadata={"help": "pad every image to one square canvas (max_size) so all can batch; "
                                          "default groups images by their padded size instead"})
     keep_text: bool = field(default=False, metadata={"help": "keep the language backbone in memory (unused)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (None: CUDA when available)"})
+    dtype: str = field(default="float32", metadata={"help": "compute precision: float32, bfloat16 or float16 "
+                                                            "(CUDA only); lower precisions run as autocast"})
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "cache_bytes", "max_upload_bytes", "max_pixels"):
@@ -128,6 +133,10 @@ class EngineStopped(RuntimeError):
     pass
 
 
+class AdapterFailed(RuntimeError):
+    """A batch failed for one adapter's requests alone (retried apart from the others); names the adapter."""
+
+
 @dataclass
 class _Request:
     task: str
@@ -153,11 +162,14 @@ class MultiTenantEngine:
                  processor: GLIPProcessor | None = None, postprocessor: Postprocessor | None = None,
                  metrics: Metrics | None = None):
         self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.base = base.eval().requires_grad_(False)
-        self.pool = AdapterPool(base, adapters_dir, max_bytes=config.cache_bytes,
+        self.pool = AdapterPool(base, adapters_dir, max_bytes=config.cache_bytes, device=self.device,
                                 max_upload_bytes=config.max_upload_bytes)  # fingerprints the full base first
         if not config.keep_text:
             self.base.text = None  # prompt features come from adapters: BERT never runs here
+        self.base.to(self.device)
         self.processor = processor or GLIPProcessor.from_config(base.config, max_pixels=config.max_pixels)
         self.postprocessor = postprocessor or Postprocessor.from_config(base.config)
         divisor = max(self.processor.image.size_divisibility, 1)
@@ -350,21 +362,44 @@ class MultiTenantEngine:
         groups: dict[tuple, list[_Request]] = defaultdict(list)
         for request in live:
             groups[request.image.padded_shape].append(request)
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock, torch.inference_mode(), autocast(self.device, self.dtype):
             for requests in groups.values():
-                try:
-                    self._run_group(requests)
-                except Exception as error:
-                    log.exception("model batch failed")
-                    for request in requests:
-                        _fail(request, error)
+                self._run_isolated(requests)
         elapsed = time.perf_counter() - start
         self.metrics.observe("adapt_batch_seconds", elapsed)
         self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
 
+    def _run_isolated(self, requests: list[_Request]) -> None:
+        """Run one group; if it fails, retry each adapter's requests on their own, so that only the adapter that
+        fails alone fails, with an error naming it; a version failing `pool.max_failures` times is quarantined."""
+        try:
+            self._run_group(requests)
+            return
+        except Exception as error:
+            log.warning("batch of %d requests failed (%s: %s); retrying per adapter", len(requests),
+                        type(error).__name__, error)
+        by_adapter: dict[tuple[str, str], list[_Request]] = defaultdict(list)
+        for request in requests:
+            if not request.future.done():
+                by_adapter[request.adapter.key].append(request)
+        for (name, version), group in by_adapter.items():
+            try:
+                self._run_group(group)
+            except Exception as error:
+                log.exception("adapter %r (version %s) failed on its own", name, version)
+                quarantined = self.pool.record_failure(group[0].adapter)
+                self.metrics.inc("adapt_adapter_failures_total", task=name)
+                failure = AdapterFailed(
+                    f"adapter {name!r} (version {version}) failed at run time ({type(error).__name__})"
+                    + ("; it is now quarantined until an admin uploads a new version" if quarantined else
+                       "; the admin should replace it"))
+                for request in group:
+                    _fail(request, failure)
+
     def _run_group(self, requests: list[_Request]) -> None:
-        """Images of one padded size: O0 once, then one fusion+head pass per segment."""
-        pixels = torch.stack([r.image.pixel_values for r in requests])  # (B, 3, H, W)
+        """Images of one padded size: O0 once, then one fusion+head pass per segment; results are set only
+        once every segment has run (so a retry never answers a request twice)."""
+        pixels = torch.stack([r.image.pixel_values for r in requests]).to(self.device)  # (B, 3, H, W)
         sizes = [r.image.image_size for r in requests]
         visual = self.base.encode_images(pixels, sizes)
         shared = [i for i, r in enumerate(requests) if r.adapter.shares_base]
@@ -374,10 +409,12 @@ class MultiTenantEngine:
             if not r.adapter.shares_base:
                 per_adapter[(r.adapter.name, r.adapter.version)].append(i)
         segments += [(idx, requests[idx[0]].adapter.overrides) for idx in per_adapter.values()]
+        results = {}
         for indices, overrides in segments:
             prompt = PromptFeatures.stack([requests[i].adapter.prompt for i in indices])  # (b, T, D)
-            if not overrides:
-                outputs = self.base.fuse_and_predict(_select(visual, indices), prompt)
+            if not overrides:  # prompt tuning and LoRA: one pass, each LoRA sample with its own low-rank term
+                with grouped_lora(self.base, [requests[i].adapter.lora for i in indices]):
+                    outputs = self.base.fuse_and_predict(_select(visual, indices), prompt)
             elif any(k.startswith(_VISUAL_PREFIXES) for k in overrides):
                 outputs = torch.func.functional_call(
                     self.base, overrides, (prompt,),
@@ -387,7 +424,9 @@ class MultiTenantEngine:
                                                      {"visual": _select(visual, indices)})
             maps = [_pad_map(requests[i].adapter.adapter.positive_map, prompt.length) for i in indices]
             for i, final in zip(indices, self.postprocessor(outputs, maps)):
-                requests[i].future.set_result(_result(requests[i], final))
+                results[i] = _result(requests[i], final)
+        for i, result in results.items():
+            _resolve(requests[i], result)
 
 
 def _select(visual: VisualFeatures, indices: list[int]) -> VisualFeatures:
@@ -418,6 +457,14 @@ def _result(request: _Request, final: Candidates) -> DetectResult:
     height, width = request.image.original_size
     return DetectResult(task=request.task, adapter_version=adapter.version, strategy=adapter.strategy,
                         width=width, height=height, detections=detections)
+
+
+def _resolve(request: _Request, result: DetectResult) -> None:
+    if not request.future.done():
+        try:
+            request.future.set_result(result)
+        except Exception:  # InvalidStateError: resolved concurrently
+            pass
 
 
 def _fail(request: _Request, error: Exception) -> None:
