@@ -382,19 +382,29 @@ class MultiTenantEngine:
         for request in requests:
             if not request.future.done():
                 by_adapter[request.adapter.key].append(request)
-        for (name, version), group in by_adapter.items():
+        failed = []
+        for group in by_adapter.values():
             try:
                 self._run_group(group)
             except Exception as error:
-                log.exception("adapter %r (version %s) failed on its own", name, version)
-                quarantined = self.pool.record_failure(group[0].adapter)
-                self.metrics.inc("adapt_adapter_failures_total", task=name)
-                failure = AdapterFailed(
-                    f"adapter {name!r} (version {version}) failed at run time ({type(error).__name__})"
-                    + ("; it is now quarantined until an admin uploads a new version" if quarantined else
-                       "; the admin should replace it"))
+                failed.append((group, error))
+        # When several adapters all fail alone, the base (or the machine) is at fault, not one of them.
+        blame = len(failed) < len(by_adapter) or len(by_adapter) == 1
+        for group, error in failed:
+            name, version = group[0].adapter.key
+            log.error("adapter %r (version %s) failed on its own", name, version, exc_info=error)
+            if not blame:
                 for request in group:
-                    _fail(request, failure)
+                    _fail(request, error)
+                continue
+            quarantined = self.pool.record_failure(group[0].adapter)
+            self.metrics.inc("adapt_adapter_failures_total", task=name)
+            failure = AdapterFailed(
+                f"adapter {name!r} (version {version}) failed at run time ({type(error).__name__})"
+                + ("; it is now quarantined until an admin uploads a new version" if quarantined else
+                   "; the admin should replace it"))
+            for request in group:
+                _fail(request, failure)
 
     def _run_group(self, requests: list[_Request]) -> None:
         """Images of one padded size: O0 once, then one fusion+head pass per segment; results are set only
