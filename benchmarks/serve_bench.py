@@ -7,7 +7,8 @@ Sections (all by default; pick with --sections):
         switch cost, in-process through the engine.
   rss   resident memory of a server process with 1, 100 and 1,000 registered prompt adapters, before and
         after each was served once.
-  soak  N requests with 5% bad inputs mixed in: crashes (5xx, dead server), wrong-tenant answers, RSS drift.
+  soak  N requests with 5% bad inputs mixed in, and broken adapters uploaded by the admin every 100 requests:
+        crashes (5xx, dead server), healthy-tenant failures, wrong-tenant answers, RSS drift.
   batch in-process: 4 and 8 tenants' requests as one engine batch vs one at a time (ms per image).
 
 The adapters are synthetic (adapt.serve.testing: the base's P0 of a category prompt plus a random
@@ -126,15 +127,27 @@ def prepare_workdir(args) -> dict:
             template.prompt = type(template.prompt)(hidden, hidden.clone(), template.prompt.mask)
             template.task = f"p-{j:04d}"
             save_adapter(template, path)
-    keys = {"tenants": [{"name": t["task"], "key_sha256": hash_key(t["key"]), "tasks": [t["task"]]} for t in tenants],
+    # The soak adds the LoRA and linear-probe tenants, and "mallory", whose adapter in the folder is broken
+    # (a P0 of batch size 2, written past validation): its requests are refused, nobody else's may fail.
+    from adapt.serve.testing import faulty_adapter_bytes
+
+    extra = [{"task": f"{s}-task", "key": f"key-{s}-task", "categories": ["fish", "shark"]}
+             for s in ("lora", "linear-probe")]
+    mallory = {"task": "mallory", "key": "key-mallory", "categories": ["cat", "dog"]}
+    (adapters / "mallory.safetensors").write_bytes(faulty_adapter_bytes(base, processor, "p0_batch_2"))
+    keys = {"tenants": [{"name": t["task"], "key_sha256": hash_key(t["key"]), "tasks": [t["task"]]}
+                        for t in tenants + extra + [mallory]],
             "admins": [{"name": "ops", "key_sha256": hash_key("key-admin")}]}
     (work / "keys.json").write_text(json.dumps(keys))
     side = args.image_size or base.config.image.max_size
     images = [image_bytes(side, side, seed=s) for s in range(8)]
     print(f"prepared {work} in {time.perf_counter() - started:.1f} s (base {base.config.name}, images {side}x{side})",
           flush=True)
+    from adapt.serve.testing import FAULTY_KINDS
+
+    faulty = {kind: faulty_adapter_bytes(base, processor, kind) for kind in FAULTY_KINDS}
     return {"adapters": str(adapters), "tenants": tenants, "images": images, "rss_dirs": rss_dirs,
-            "keys": str(work / "keys.json")}
+            "keys": str(work / "keys.json"), "soak_tenants": tenants + extra, "mallory": mallory, "faulty": faulty}
 
 
 # ------------------------------------------------------------------------------------------- the server
@@ -413,48 +426,68 @@ def section_rss(args, plan) -> dict:
 # --------------------------------------------------------------------------------------------------- soak
 
 
-def bad_job(kind: str, tenant: dict, other: dict, image: bytes, bomb: bytes) -> dict:
+BAD_KINDS = ("not_image", "truncated", "bomb", "oversized", "malformed_json", "deep_json", "nan_threshold",
+             "nan_timeout", "bad_key", "foreign_task", "faulty_adapter_task")
+
+
+def bad_job(kind: str, tenant: dict, other: dict, image: bytes, bomb: bytes, mallory: dict) -> dict:
     headers = {"Authorization": f"Bearer {tenant['key']}"}
     path = f"/v1/tasks/{tenant['task']}/detect"
+    json_headers = {**headers, "Content-Type": "application/json"}
+    form = {"files": {"image": image}, "headers": headers}
     kwargs = {
         "not_image": {"files": {"image": b"GIF89a but not really an image" * 20}, "headers": headers},
         "truncated": {"files": {"image": image[: len(image) // 3]}, "headers": headers},
         "bomb": {"files": {"image": bomb}, "headers": headers},
-        "oversized": {"content": b"\0" * (17 * 2**20), "headers": {**headers, "Content-Type": "application/json"}},
-        "malformed_json": {"content": b'{"image": ', "headers": {**headers, "Content-Type": "application/json"}},
+        "oversized": {"content": b"\0" * (17 * 2**20), "headers": json_headers},
+        "malformed_json": {"content": b'{"image": ', "headers": json_headers},
+        "deep_json": {"content": b"[" * 100_000 + b"]" * 100_000, "headers": json_headers},
+        "nan_threshold": {"content": b'{"image": "aGk=", "threshold": NaN}', "headers": json_headers},
+        "nan_timeout": {"files": {"image": image}, "headers": {**headers, "X-Timeout-Ms": "nan"}},
         "bad_key": {"files": {"image": image}, "headers": {"Authorization": "Bearer nope"}},
     }
     expected = {"not_image": 422, "truncated": 422, "bomb": 413, "oversized": 413, "malformed_json": 400,
-                "bad_key": 401, "foreign_task": 404}
+                "deep_json": 400, "nan_threshold": 422, "nan_timeout": 422, "bad_key": 401}
     if kind == "foreign_task":
-        return {"path": f"/v1/tasks/{other['task']}/detect", "expect": 404, "bad": kind,
-                "kwargs": {"files": {"image": image}, "headers": headers}}
+        return {"path": f"/v1/tasks/{other['task']}/detect", "expect": 404, "bad": kind, "kwargs": form}
+    if kind == "faulty_adapter_task":  # the tenant whose adapter in the folder fails validation
+        return {"path": f"/v1/tasks/{mallory['task']}/detect", "expect": 422, "bad": kind,
+                "kwargs": {"files": {"image": image}, "headers": {"Authorization": f"Bearer {mallory['key']}"}}}
     return {"path": path, "expect": expected[kind], "bad": kind, "kwargs": kwargs[kind]}
 
 
+def bad_upload_job(kind: str, target: str, data: bytes) -> dict:
+    """The admin uploads a broken adapter over a healthy tenant's (or under a name with a newline)."""
+    path = "/v1/adapters/x%0a" if kind == "newline_name" else f"/v1/adapters/{target}"
+    return {"method": "PUT", "path": path, "expect": 422, "bad": f"upload_{kind}",
+            "kwargs": {"content": data, "headers": {"Authorization": "Bearer key-admin",
+                                                    "Content-Type": "application/octet-stream"}}}
+
+
 def section_soak(args, plan) -> dict:
+    import hashlib
+
     from adapt.serve.testing import bomb_bytes
 
     port = free_port()
     proc = start_server(args, plan, max_batch=args.max_batch, window_ms=args.window_ms, port=port)
     url = f"http://127.0.0.1:{port}"
     rng = random.Random(7)
-    tenants = plan["tenants"]
-    versions = {}
-    for t in tenants:
-        import hashlib
-
-        versions[t["task"]] = hashlib.sha256(Path(plan["adapters"], f"{t['task']}.safetensors").read_bytes()
-                                             ).hexdigest()[:16]
+    tenants = plan["soak_tenants"]
+    files = {t["task"]: Path(plan["adapters"], f"{t['task']}.safetensors") for t in tenants}
+    versions = {task: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for task, path in files.items()}
     bomb = bomb_bytes(6000)  # 36 Mpx, over the server's 25 Mpx default
-    kinds = ["not_image", "truncated", "bomb", "oversized", "malformed_json", "bad_key", "foreign_task"]
+    uploads = [*plan["faulty"].items(), ("newline_name", next(iter(plan["faulty"].values())))]
     jobs = []
     for i in range(args.soak_requests):
         tenant = rng.choice(tenants)
         image = rng.choice(plan["images"])
-        if rng.random() < 0.05:
+        if i % 100 == 50:  # mid-run, the admin keeps uploading broken adapters over healthy tenants' ones
+            kind, data = uploads[(i // 100) % len(uploads)]
+            jobs.append(bad_upload_job(kind, tenant["task"], data))
+        elif rng.random() < 0.05:
             other = rng.choice([t for t in tenants if t is not tenant])
-            jobs.append(bad_job(kinds[i % len(kinds)], tenant, other, image, bomb))
+            jobs.append(bad_job(BAD_KINDS[i % len(BAD_KINDS)], tenant, other, image, bomb, plan["mallory"]))
         else:
             job = detect_job(tenant, image)
             job["expect"] = 200
@@ -469,6 +502,9 @@ def section_soak(args, plan) -> dict:
                 crashed = True
                 break
             rss.append(rss_mb(proc.pid))
+            healthy_failed = sum(r["status"] != 200 for j, r in zip(jobs, results) if j["expect"] == 200)
+            print(f"  {len(results)} requests, {time.perf_counter() - started:.0f} s, RSS {rss[-1]:.0f} MiB, "
+                  f"healthy-tenant failures {healthy_failed}", flush=True)
         alive = proc.poll() is None
         import httpx
 
@@ -476,12 +512,16 @@ def section_soak(args, plan) -> dict:
     finally:
         wall = time.perf_counter() - started
         stop_server(proc)
-    wrong_status = wrong_tenant = server_errors = 0
+    wrong_status = wrong_tenant = server_errors = healthy_failures = 0
+    unexpected: dict[str, int] = {}
     for job, result in zip(jobs, results):
         if result["status"] >= 500 or result["status"] < 0:
             server_errors += 1
         if result["status"] != job["expect"]:
             wrong_status += 1
+            healthy_failures += job["expect"] == 200
+            key = f"{job.get('bad', 'healthy')}:{result['status']}"
+            unexpected[key] = unexpected.get(key, 0) + 1
             continue
         if job["expect"] == 200:
             body = json.loads(result["body"])
@@ -490,16 +530,22 @@ def section_soak(args, plan) -> dict:
                     not {d["category"] for d in body["detections"]} <= set(job["tenant"]["categories"]):
                 wrong_tenant += 1
     bad = sum(1 for j in jobs if "bad" in j)
-    out = {"requests": len(jobs), "answered": len(results), "bad_inputs": bad, "seconds": wall,
-           "server_errors_5xx": server_errors, "unexpected_status": wrong_status, "wrong_tenant_answers": wrong_tenant,
+    untouched = all(hashlib.sha256(path.read_bytes()).hexdigest()[:16] == versions[task] for task, path in files.items())
+    out = {"requests": len(jobs), "answered": len(results), "bad_inputs": bad,
+           "bad_uploads": sum(1 for j in jobs if j.get("method") == "PUT"), "seconds": wall,
+           "healthy_requests": sum(1 for j in jobs if j["expect"] == 200), "healthy_failures": healthy_failures,
+           "server_errors_5xx": server_errors, "unexpected_status": wrong_status, "unexpected_by_kind": unexpected,
+           "wrong_tenant_answers": wrong_tenant, "adapter_files_untouched": untouched,
            "crashed": crashed or not healthy, "rss_mb_first": rss[0] if rss else None,
            "rss_mb_last": rss[-1] if rss else None, "rss_mb_max": max(rss) if rss else None,
            "rss_mb_after_10pct": rss[max(0, len(rss) // 10)] if rss else None,
            "rss_mb_every_chunk": [round(x) for x in rss], "chunk_requests": chunk}
-    print(f"  soak: {len(results)}/{len(jobs)} answered in {wall:.0f} s ({bad} bad inputs): 5xx {server_errors}, "
-          f"unexpected status {wrong_status}, wrong-tenant answers {wrong_tenant}, crashed {out['crashed']}; "
-          f"server RSS {out['rss_mb_first']:.0f} -> {out['rss_mb_last']:.0f} MiB (max {out['rss_mb_max']:.0f}, "
-          f"after 10% {out['rss_mb_after_10pct']:.0f})", flush=True)
+    print(f"  soak: {len(results)}/{len(jobs)} answered in {wall:.0f} s ({bad} bad inputs, {out['bad_uploads']} "
+          f"bad adapter uploads): healthy-tenant failures {healthy_failures} of {out['healthy_requests']}, "
+          f"5xx {server_errors}, unexpected status {wrong_status} {unexpected}, wrong-tenant answers {wrong_tenant}, "
+          f"adapter files untouched {untouched}, crashed {out['crashed']}; server RSS {out['rss_mb_first']:.0f} -> "
+          f"{out['rss_mb_last']:.0f} MiB (max {out['rss_mb_max']:.0f}, after 10% {out['rss_mb_after_10pct']:.0f})",
+          flush=True)
     return out
 
 
