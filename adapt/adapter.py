@@ -176,12 +176,18 @@ def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None
         validate_adapter(adapter, label, category_tokens=_meta_json(meta, "category_tokens", label, "null"))
         if base is not None:
             check_base(adapter, base, label)
-    except AdapterError:
-        raise
+    except AdapterError as error:
+        message = str(error)
+        if any(fix in message for fix in _FIXES):
+            raise
+        raise AdapterError(f"{message}; re-train or re-export the adapter") from None
     except Exception as error:  # whatever a crafted file makes a check trip over is a refusal, never a crash
         raise AdapterError(f"{label} is not a valid adapter ({type(error).__name__}: {error}); re-export it "
                            "with `adapt prompt-tune|linear-probe|lora`") from None
     return adapter
+
+
+_FIXES = ("re-", "load it", "pass ", "upgrade", "Upgrade", "serve it")  # messages that already name their next step
 
 
 def _meta_str(meta: dict, key: str, label: str) -> str:
