@@ -10,6 +10,9 @@ Sections (all by default; pick with --sections):
   soak  N requests with 5% bad inputs mixed in, and broken adapters uploaded by the admin every 100 requests:
         crashes (5xx, dead server), healthy-tenant failures, wrong-tenant answers, RSS drift.
   batch in-process: 4 and 8 tenants' requests as one engine batch vs one at a time (ms per image).
+  lora  LoRA served unmerged: bytes per resident LoRA tenant (default targets, --lora-rank), how many fit
+        the default cache, and one batch of 8 LoRA tenants vs 8 requests of one tenant vs the old way
+        (each adapter folded into dense weights, run alone); batched vs single score difference.
 
 The adapters are synthetic (adapt.serve.testing: the base's P0 of a category prompt plus a random
 offset), in the real file format; every tenant has its own key and may call only its own task.
@@ -376,6 +379,94 @@ def section_batch(args, plan) -> dict:
     return out
 
 
+def section_lora(args, plan=None) -> dict:
+    """LoRA served unmerged: bytes per resident tenant, how many fit the default cache, and one engine batch of 8
+    requests of 8 LoRA tenants (grouped rank-r terms) vs 8 requests of one, vs folding each adapter into dense
+    weights and running it alone (what the server did before)."""
+    import re
+
+    import torch
+    from torch import nn
+
+    from adapt.adapter import load_adapter, save_adapter, weight_overrides
+    from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine, _select
+    from adapt.serve.testing import image_bytes, make_adapter
+    from adapt.strategies import LORA_DEFAULT_TARGETS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base(args.base)
+    processor = make_processor(base.config, args.image_size)
+    folder = Path(args.workdir) / "lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    r = args.lora_rank
+    linear = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(LORA_DEFAULT_TARGETS, n)}
+    for i in range(8):
+        path = folder / f"lora-{i}.safetensors"
+        if path.exists():
+            continue
+        adapter = make_adapter(base, processor, f"lora-{i}", tenant_categories(i), strategy="lora", seed=i)
+        g = torch.Generator().manual_seed(100 + i)
+        adapter.lora = {}
+        for name, m in linear.items():
+            adapter.lora[f"{name}.lora_A.weight"] = 0.02 * torch.randn(r, m.in_features, generator=g)
+            adapter.lora[f"{name}.lora_B.weight"] = 0.02 * torch.randn(m.out_features, r, generator=g)
+        adapter.lora_config = {"r": r, "alpha": 2.0 * r, "target_modules": list(linear), "dropout": 0.0}
+        save_adapter(adapter, path)
+    engine = MultiTenantEngine(base, folder, EngineConfig(), processor=processor)
+    entry = engine.pool.get("lora-0")
+    lora_bytes = sum(t.nbytes for d in (entry.lora.down, entry.lora.up) for t in d.values())
+    dense_bytes = sum(m.weight.nbytes for m in linear.values())  # one folded copy of every target weight
+    out = {"targets": len(linear), "rank": r, "resident_bytes": entry.nbytes, "lora_factor_bytes": lora_bytes,
+           "prompt_bytes": entry.nbytes - lora_bytes, "folded_dense_bytes": dense_bytes,
+           "cache_bytes": engine.pool.max_bytes, "tenants_fit_default_cache": engine.pool.max_bytes // entry.nbytes,
+           "tenants_fit_folded": engine.pool.max_bytes // (dense_bytes + entry.nbytes - lora_bytes)}
+    side = args.image_size or base.config.image.max_size
+    images = [engine.prepare(image_bytes(side, side, seed=i)) for i in range(8)]
+    params = DetectParams(0.3, 100)
+    mixed = [(f"lora-{i}", images[i], params) for i in range(8)]
+    one = [("lora-0", images[i], params) for i in range(8)]
+    adapters = [load_adapter(folder / f"lora-{i}.safetensors", base=base) for i in range(8)]
+    folded = [weight_overrides(a, base) for a in adapters]
+
+    def run_folded():  # the old way: O0 once, then each adapter's own pass with its dense override tensors
+        with torch.inference_mode():
+            pixels = torch.stack([im.pixel_values for im in images])
+            visual = base.encode_images(pixels, [im.image_size for im in images])
+            for i, adapter in enumerate(adapters):
+                torch.func.functional_call(base, folded[i], (adapter.prompt,), {"visual": _select(visual, [i])})
+
+    timings = {"mixed_8_tenants": lambda: engine.run(mixed), "one_tenant": lambda: engine.run(one),
+               "folded_per_adapter": run_folded}
+    for fn in timings.values():
+        fn()  # warm-up
+    for name, fn in timings.items():
+        times = []
+        for _ in range(args.batch_reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[f"{name}_s_per_batch"] = statistics.median(times)
+        out[f"{name}_images_per_s"] = 8 / statistics.median(times)
+    worst = 0.0
+    for item, batched in zip(mixed, engine.run(mixed)):
+        [single] = engine.run([item])
+        for b, s_ in zip(batched.detections, single.detections):
+            worst = max(worst, abs(b["score"] - s_["score"]))
+        assert [d["category"] for d in batched.detections] == [d["category"] for d in single.detections]
+    out["batched_vs_single_max_score_diff"] = worst
+    print(f"  LoRA r={r} on {len(linear)} target layers: resident tenant {entry.nbytes / 2**20:.2f} MiB "
+          f"({lora_bytes / 2**20:.2f} MiB factors + {(entry.nbytes - lora_bytes) / 2**10:.0f} KiB prompt) vs "
+          f"{dense_bytes / 2**20:.1f} MiB folded; default cache ({engine.pool.max_bytes / 2**20:.0f} MiB) holds "
+          f"{out['tenants_fit_default_cache']} (folded: {out['tenants_fit_folded']})", flush=True)
+    print(f"  batch of 8: 8 LoRA tenants {out['mixed_8_tenants_images_per_s']:.2f} img/s vs one tenant "
+          f"{out['one_tenant_images_per_s']:.2f} img/s "
+          f"({out['mixed_8_tenants_images_per_s'] / out['one_tenant_images_per_s']:.2f}x); folded per adapter "
+          f"{out['folded_per_adapter_images_per_s']:.2f} img/s; batched vs single max |score diff| {worst:.1e}",
+          flush=True)
+    return out
+
+
 def child_rss(spec: dict) -> None:
     import gc
 
@@ -555,7 +646,7 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name printed with the figures")
     parser.add_argument("--image-size", type=int, default=None, help="square resize (default: the base config's)")
     parser.add_argument("--workdir", default=None, help="adapters, keys (default: a temporary folder)")
-    parser.add_argument("--sections", default="load,cold,rss,soak,batch")
+    parser.add_argument("--sections", default="load,cold,rss,soak,batch,lora")
     parser.add_argument("--requests", type=int, default=200, help="requests per load configuration")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     parser.add_argument("--modes", default="on,off", help="batching modes to load-test")
@@ -566,6 +657,7 @@ def main() -> None:
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--switch-reps", type=int, default=22)
     parser.add_argument("--batch-reps", type=int, default=5, help="repetitions of the in-process batch comparison")
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the [lora] section's adapters")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--child-server", default=None, help=argparse.SUPPRESS)
@@ -578,12 +670,13 @@ def main() -> None:
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="serve-bench-")
     print(f"serve_bench {args.label or args.base}: {os.cpu_count()} CPUs, torch threads {args.threads}, "
           f"max_batch {args.max_batch}, window {args.window_ms} ms, concurrency {args.concurrency}", flush=True)
-    plan = prepare_workdir(args)
+    sections = args.sections.split(",")
+    plan = prepare_workdir(args) if set(sections) - {"lora"} else None  # [lora] makes its own adapters
     figures = {}
-    for section in args.sections.split(","):
+    for section in sections:
         print(f"[{section}]", flush=True)
         figures[section] = {"load": section_load, "cold": section_cold, "rss": section_rss, "soak": section_soak,
-                            "batch": section_batch}[section](args, plan)
+                            "batch": section_batch, "lora": section_lora}[section](args, plan)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1, default=str))
 
