@@ -4,9 +4,16 @@ Data flow per batch (design §4.2): requests that arrive within `batch_window_ms
 are grouped by padded image size; each group's images go through Swin + FPN ONCE (O0 does not depend
 on the task). Prompt-tuning adapters carry their final P0, so their requests, whatever their tasks,
 share one fusion + head pass with per-sample prompts padded to the longest and masked; the language
-backbone never runs (the engine drops it). Adapters that change weights (linear probe, LoRA) run per
-adapter through `torch.func.functional_call` with their override tensors, so the shared base is never
-modified. Full fine-tunes are refused. The lorax idea of "segments per adapter", on GLIP's seams.
+backbone never runs (the engine drops it). LoRA requests join that shared pass: their rank-r factors are
+applied unmerged, per group of samples of one adapter, by hooks on the target modules (adapt.serve.lora).
+Linear probes, which replace head tensors, run per adapter through `torch.func.functional_call` with
+their override tensors, so the shared base is never modified. Full fine-tunes are refused. The lorax
+idea of "segments per adapter", on GLIP's seams.
+
+Fault isolation: a group that fails is retried per adapter, so only the adapter that fails on its own
+fails (AdapterFailed, naming it); a version that fails twice is quarantined by the pool until replaced.
+Device and precision come from the config: inputs move to the model's device, every new tensor is
+made on the device of the data it meets, and bfloat16/float16 run as autocast around the forward.
 
 Batched results equal single-request results because a request's pixels, padding and prompt tensors
 are the same in both paths: images are padded to a multiple of 32 (or to one fixed canvas) per request
