@@ -225,7 +225,7 @@ class MultiTenantEngine:
                 request = self._queue.get_nowait()
             except queue.Empty:
                 break
-            _fail(request, EngineStopped("the server is shutting down"))
+            _resolve(request, EngineStopped("the server is shutting down"))
 
     def __enter__(self) -> "MultiTenantEngine":
         return self.start()
@@ -342,7 +342,7 @@ class MultiTenantEngine:
             except BaseException as error:  # the batcher must survive anything a batch does
                 log.exception("batch failed")
                 for request in batch:
-                    _fail(request, error if isinstance(error, Exception) else RuntimeError(repr(error)))
+                    _resolve(request, error if isinstance(error, Exception) else RuntimeError(repr(error)))
             finally:
                 self._inflight = 0
 
@@ -355,12 +355,12 @@ class MultiTenantEngine:
                 continue  # the client gave up
             if request.deadline < now:
                 self.metrics.inc("adapt_rejected_total", reason="deadline")
-                _fail(request, DeadlineExceeded(f"request for task {request.task!r} waited past its deadline"))
+                _resolve(request, DeadlineExceeded(f"request for task {request.task!r} waited past its deadline"))
                 continue
             try:
                 request.adapter = self.pool.get(request.task)
             except Exception as error:
-                _fail(request, error)
+                _resolve(request, error)
                 continue
             live.append(request)
         if not live:
@@ -402,7 +402,7 @@ class MultiTenantEngine:
             log.error("adapter %r (version %s) failed on its own", name, version, exc_info=error)
             if not blame:
                 for request in group:
-                    _fail(request, error)
+                    _resolve(request, error)
                 continue
             quarantined = self.pool.record_failure(group[0].adapter)
             self.metrics.inc("adapt_adapter_failures_total", task=name)
@@ -411,7 +411,7 @@ class MultiTenantEngine:
                 + ("; it is now quarantined until an admin uploads a new version" if quarantined else
                    "; the admin should replace it"))
             for request in group:
-                _fail(request, failure)
+                _resolve(request, failure)
 
     def _run_group(self, requests: list[_Request]) -> None:
         """Images of one padded size: O0 once, then one fusion+head pass per segment; results are set only
@@ -476,17 +476,15 @@ def _result(request: _Request, final: Candidates) -> DetectResult:
                         width=width, height=height, detections=detections)
 
 
-def _resolve(request: _Request, result: DetectResult) -> None:
+def _resolve(request: _Request, outcome: DetectResult | Exception) -> None:
+    """Answer a request once (a result or an exception); later answers are ignored."""
     if not request.future.done():
         try:
-            request.future.set_result(result)
+            if isinstance(outcome, Exception):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
         except Exception:  # InvalidStateError: resolved concurrently
             pass
 
 
-def _fail(request: _Request, error: Exception) -> None:
-    if not request.future.done():
-        try:
-            request.future.set_exception(error)
-        except Exception:  # InvalidStateError: resolved concurrently
-            pass
