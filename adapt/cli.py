@@ -320,7 +320,8 @@ def serve(
     dtype: DtypeOption = "float32",
     ray: Annotated[bool, typer.Option("--ray", help="run as a Ray Serve deployment on a local Ray instance "
                                                     "(on CUDA: one replica per GPU)")] = False,
-    replicas: Annotated[int, typer.Option(help="model replicas with --ray")] = 1,
+    replicas: Annotated[Optional[int], typer.Option(
+        help="model replicas with --ray (default: one per GPU on CUDA, else 1)")] = None,
 ) -> None:
     """Serve every adapter in --adapters over HTTP on one shared base: POST /v1/tasks/{task}/detect."""
     import os

@@ -486,5 +486,3 @@ def _resolve(request: _Request, outcome: DetectResult | Exception) -> None:
                 request.future.set_result(outcome)
         except Exception:  # InvalidStateError: resolved concurrently
             pass
-
-
