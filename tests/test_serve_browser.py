@@ -1,50 +1,30 @@
 """The web page at `/`, in a real headless Chromium (Debian's `chromium`, driven by Playwright's Python API).
 
 A tenant pastes a key, picks a task, drops an image and sees boxes drawn; an admin sees the adapter list
-with versions and uploads one. The server is the real app under uvicorn on 127.0.0.1. Set
-ADAPT_SCREENSHOT=path to keep the page's screenshot (docs/images/serve_page.png is made this way).
+with versions and uploads one. The server is the real app under uvicorn on 127.0.0.1 (the docs'
+screenshot is made the same way on glip-nano by benchmarks/serve_screenshot.py).
 """
-import base64
-import os
-import shutil
-import socket
-import threading
-import time
-
 import pytest
 
 pytest.importorskip("fastapi")
 
 from adapt.adapter import save_adapter  # noqa: E402
 from adapt.serve.app import HTTPLimits, serve_engine  # noqa: E402
-from adapt.serve.testing import image_bytes, make_adapter, tiny_base  # noqa: E402
+from adapt.serve.testing import (chromium_path, drop_image, image_bytes, make_adapter, serve_in_thread,  # noqa: E402
+                                 tiny_base)
 from tests.test_serve import KEYS, adapters_dir, make_engine, one_thread, processor, tenancy  # noqa: E402,F401
 
-CHROMIUM = next((path for path in (os.environ.get("CHROMIUM"), shutil.which("chromium"),
-                                   shutil.which("chromium-browser"), shutil.which("google-chrome")) if path), None)
+CHROMIUM = chromium_path()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary found (apt-get install -y chromium; "
                                                          ".ci/run installs it)")
 
 
 @pytest.fixture()
 def server(adapters_dir):
-    import uvicorn
-
     engine = make_engine(adapters_dir, batch_window_ms=2.0)
     app = serve_engine(engine, tenancy(), HTTPLimits(max_body_bytes=2_000_000, max_upload_bytes=1_000_000))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(15)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture()
@@ -73,13 +53,7 @@ def test_tenant_drops_an_image_and_sees_boxes(server, page, tmp_path):
     assert page.is_hidden("#admin")  # a tenant key sees no admin section
     page.select_option("#task", "alpha")
     page.fill("#threshold", "0")
-    png = base64.b64encode(image_bytes(320, 200, seed=3)).decode()
-    page.evaluate("""(data) => {
-        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
-        const transfer = new DataTransfer();
-        transfer.items.add(new File([bytes], 'photo.png', {type: 'image/png'}));
-        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
-    }""", png)
+    drop_image(page, image_bytes(320, 200, seed=3))
     page.wait_for_function("Number(document.querySelector('#canvas').dataset.boxes) > 0")
     result = page.evaluate("JSON.parse(document.querySelector('#json').textContent)")
     boxes = int(page.get_attribute("#canvas", "data-boxes"))
@@ -95,12 +69,8 @@ def test_tenant_drops_an_image_and_sees_boxes(server, page, tmp_path):
         }
         return {width: c.width, height: c.height, boxPixels: n};
     }""")
-    assert painted["width"] == 320 and painted["boxPixels"] > 50, painted
-    shot = page.screenshot(full_page=True)
-    assert len(shot) > 10_000
-    if os.environ.get("ADAPT_SCREENSHOT"):
-        with open(os.environ["ADAPT_SCREENSHOT"], "wb") as handle:
-            handle.write(shot)
+    assert painted["width"] == 640 and painted["boxPixels"] > 50, painted  # 320 px drawn at 2x
+    assert len(page.screenshot(full_page=True)) > 10_000
 
 
 def test_admin_sees_versions_and_uploads(server, page, processor, tmp_path):

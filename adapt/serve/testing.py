@@ -125,3 +125,55 @@ def faulty_adapter_bytes(base: GLIP, processor: GLIPProcessor, kind: str) -> byt
     else:
         raise ValueError(f"unknown faulty adapter kind {kind!r}; one of {', '.join(FAULTY_KINDS)}")
     return save(tensors, metadata=meta)
+
+
+def chromium_path() -> str | None:
+    """A Chromium binary for the browser test and the docs screenshot ($CHROMIUM, else Debian's `chromium`)."""
+    import os
+    import shutil
+
+    return next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                             shutil.which("google-chrome")) if p), None)
+
+
+def serve_in_thread(app, timeout_s: float = 30.0):
+    """Run `app` under uvicorn on a free 127.0.0.1 port in a daemon thread; a context manager yielding its URL."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    @contextlib.contextmanager
+    def running():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"uvicorn did not start within {timeout_s:g} s")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(15)
+
+    return running()
+
+
+def drop_image(page, data: bytes, name: str = "photo.png") -> None:
+    """Drop an image file on the web page's drop zone (a Playwright page), as a user's drag and drop does."""
+    import base64
+
+    page.evaluate("""([data, name]) => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: 'image/png'}));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
+    }""", [base64.b64encode(data).decode(), name])

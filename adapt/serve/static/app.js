@@ -63,7 +63,7 @@ async function loadAdapters() {
 
 function draw(image, result) {
   const canvas = $("canvas");
-  const scale = Math.min(1, 960 / image.width);
+  const scale = Math.min(2, 640 / image.width);  // small images drawn larger, large ones fit the page
   canvas.width = Math.round(image.width * scale);
   canvas.height = Math.round(image.height * scale);
   const ctx = canvas.getContext("2d");
