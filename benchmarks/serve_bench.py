@@ -440,14 +440,15 @@ def section_lora(args, plan=None) -> dict:
                "folded_per_adapter": run_folded}
     for fn in timings.values():
         fn()  # warm-up
-    for name, fn in timings.items():
-        times = []
-        for _ in range(args.batch_reps):
+    times = {name: [] for name in timings}
+    for _ in range(args.batch_reps):  # interleaved, so that a change in the machine's load hits all alike
+        for name, fn in timings.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        out[f"{name}_s_per_batch"] = statistics.median(times)
-        out[f"{name}_images_per_s"] = 8 / statistics.median(times)
+            times[name].append(time.perf_counter() - start)
+    for name, series in times.items():
+        out[f"{name}_s_per_batch"] = statistics.median(series)
+        out[f"{name}_images_per_s"] = 8 / statistics.median(series)
     worst = 0.0
     for item, batched in zip(mixed, engine.run(mixed)):
         [single] = engine.run([item])
