@@ -13,12 +13,15 @@ Layout (format version 1). Tensors:
 Header metadata (all strings, JSON where structured): format, format_version, strategy, task, categories,
 prompt, category_tokens, base_model, base_fingerprint, lora_config, training, evaluation, toolkit_version.
 
-Loading checks format, version, strategy, base fingerprint, tensor names, shapes and dtypes, and refuses
-any mismatch with a message that names the base the adapter needs. Writes are atomic.
+Loading validates everything a crafted or damaged file could get wrong (format, version, tensor names,
+shapes with the batch dimension, dtypes, finite values, metadata types, category names, token ids, the
+rules of the strategy, and with a base its fingerprint and tensor fit) and refuses any mismatch with one
+AdapterError that says what to do. Writes are atomic.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,58 +116,94 @@ def save_adapter(adapter: Adapter, path: str | Path, prompt_dtype: str | None = 
     return atomic_write(path, lambda tmp: save_file(adapter.tensors(dtype), str(tmp), metadata=adapter.metadata()))
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
+def read_metadata(path: str | Path, source: str | None = None) -> dict[str, str]:
+    """The header metadata of an adapter file; `source` names it in errors (default: the path)."""
     path = Path(path)
+    label = source or str(path)
     if not path.is_file():
-        raise AdapterError(f"adapter file {path} does not exist")
+        raise AdapterError(f"adapter file {label} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
     except Exception as error:
-        raise AdapterError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); "
-                           "was the file truncated or is it another format?") from error
+        raise AdapterError(f"{label} is not a readable safetensors file ({type(error).__name__}); "
+                           "was the file truncated or is it another format?") from None
     if metadata.get("format") != FORMAT:
-        raise AdapterError(f"{path} is not a glip-adapt adapter (format {metadata.get('format')!r}); "
+        raise AdapterError(f"{label} is not a glip-adapt adapter (format {metadata.get('format')!r}); "
                            "adapters are written by `adapt prompt-tune|linear-probe|lora|finetune`")
-    version = int(metadata.get("format_version", "0"))
-    if version != FORMAT_VERSION:
-        raise AdapterError(f"{path} has adapter format version {version}; this toolkit reads version "
+    version = metadata.get("format_version", "0")
+    if version != str(FORMAT_VERSION):
+        raise AdapterError(f"{label} has adapter format version {version!r}; this toolkit reads version "
                            f"{FORMAT_VERSION}. Upgrade glip-adapt or re-train the adapter.")
     return metadata
 
 
-def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None) -> Adapter:
-    """Read an adapter; with `base` (a GLIP), refuse it unless it was trained on exactly that base."""
+def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None, *,
+                 source: str | None = None) -> Adapter:
+    """Read and validate an adapter; with `base` (a GLIP), refuse it unless it fits exactly that base.
+
+    Every check of `validate_adapter` runs here, so the CLI, a server's folder scan and an upload refuse the
+    same files. Any failure, whatever raised it, is an AdapterError naming `source` (default: the path).
+    """
     path = Path(path)
-    meta = read_metadata(path)
+    label = source or str(path)
+    meta = read_metadata(path, label)
     try:
         tensors = load_file(str(path))
     except Exception as error:
-        raise AdapterError(f"cannot read the tensors of {path} ({error}); the file is corrupt") from error
-    strategy = meta.get("strategy", "")
-    if strategy not in STRATEGY_NAMES:
-        raise AdapterError(f"{path}: unknown strategy {strategy!r}")
-    if expect_strategy and strategy != expect_strategy:
-        raise AdapterError(f"{path} is a {strategy} adapter, not {expect_strategy}")
-    required = {"prompt.hidden", "prompt.mask", "prompt.positive_map", "prompt.input_ids"}
-    missing = required - set(tensors)
-    if missing:
-        raise AdapterError(f"{path} lacks tensors {sorted(missing)}; the file is damaged")
-    adapter = Adapter(
-        strategy=strategy, task=meta.get("task", ""), categories=json.loads(meta["categories"]),
-        prompt=_prompt_features(tensors["prompt.hidden"], tensors["prompt.mask"]),
-        positive_map=tensors["prompt.positive_map"].bool(), input_ids=tensors["prompt.input_ids"],
-        caption=meta.get("prompt", ""), base_model=meta.get("base_model", ""),
-        base_fingerprint=meta.get("base_fingerprint", ""),
-        weights={k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")},
-        lora={k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")},
-        lora_config=json.loads(meta.get("lora_config") or "null"), training=json.loads(meta.get("training", "{}")),
-        evaluation=json.loads(meta.get("evaluation", "{}")), toolkit_version=meta.get("toolkit_version", ""),
-    )
-    _check_consistency(adapter, path)
-    if base is not None:
-        check_base(adapter, base, path)
+        raise AdapterError(f"cannot read the tensors of {label} ({type(error).__name__}); the file is corrupt; "
+                           "re-export it") from None
+    try:
+        strategy = meta.get("strategy", "")
+        if strategy not in STRATEGY_NAMES:
+            raise AdapterError(f"{label}: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGY_NAMES)}")
+        if expect_strategy and strategy != expect_strategy:
+            raise AdapterError(f"{label} is a {strategy} adapter, not {expect_strategy}")
+        _check_tensors(tensors, label)
+        adapter = Adapter(
+            strategy=strategy, task=_meta_str(meta, "task", label), categories=_meta_json(meta, "categories", label),
+            prompt=_prompt_features(tensors["prompt.hidden"], tensors["prompt.mask"]),
+            positive_map=tensors["prompt.positive_map"].bool(), input_ids=tensors["prompt.input_ids"],
+            caption=_meta_str(meta, "prompt", label), base_model=_meta_str(meta, "base_model", label),
+            base_fingerprint=_meta_str(meta, "base_fingerprint", label),
+            weights={k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")},
+            lora={k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")},
+            lora_config=_meta_json(meta, "lora_config", label, "null"),
+            training=_meta_json(meta, "training", label, "{}"), evaluation=_meta_json(meta, "evaluation", label, "{}"),
+            toolkit_version=meta.get("toolkit_version", ""),
+        )
+        validate_adapter(adapter, label, category_tokens=_meta_json(meta, "category_tokens", label, "null"))
+        if base is not None:
+            check_base(adapter, base, label)
+    except AdapterError as error:
+        message = str(error)
+        if any(fix in message for fix in _FIXES):
+            raise
+        raise AdapterError(f"{message}; re-train or re-export the adapter") from None
+    except Exception as error:  # whatever a crafted file makes a check trip over is a refusal, never a crash
+        raise AdapterError(f"{label} is not a valid adapter ({type(error).__name__}: {error}); re-export it "
+                           "with `adapt prompt-tune|linear-probe|lora`") from None
     return adapter
+
+
+_FIXES = ("re-", "load it", "pass ", "upgrade", "Upgrade", "serve it")  # messages that already name their next step
+
+
+def _meta_str(meta: dict, key: str, label: str) -> str:
+    value = meta.get(key, "")
+    if not isinstance(value, str):
+        raise AdapterError(f"{label}: metadata {key!r} must be a string")
+    return value
+
+
+def _meta_json(meta: dict, key: str, label: str, default: str | None = None):
+    text = meta.get(key, default)
+    if text is None:
+        raise AdapterError(f"{label}: metadata {key!r} is missing; re-export the adapter")
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise AdapterError(f"{label}: metadata {key!r} is not valid JSON; re-export the adapter") from None
 
 
 def _prompt_features(hidden: Tensor, mask: Tensor) -> PromptFeatures:
@@ -174,20 +213,116 @@ def _prompt_features(hidden: Tensor, mask: Tensor) -> PromptFeatures:
     return PromptFeatures(hidden, hidden * mask.unsqueeze(-1).to(hidden.dtype), mask)
 
 
-def _check_consistency(adapter: Adapter, path: Path) -> None:
-    p = adapter.prompt
-    if p.hidden.dim() != 3 or p.hidden.shape != p.embedded.shape or p.mask.shape != p.hidden.shape[:2]:
-        raise AdapterError(f"{path}: prompt tensors have inconsistent shapes {tuple(p.hidden.shape)}, "
-                           f"{tuple(p.embedded.shape)}, {tuple(p.mask.shape)}")
-    if not p.hidden.is_floating_point():
-        raise AdapterError(f"{path}: prompt.hidden has dtype {p.hidden.dtype}, expected a float type")
-    if adapter.positive_map.shape != (len(adapter.categories), p.length):
-        raise AdapterError(f"{path}: positive map {tuple(adapter.positive_map.shape)} does not match "
-                           f"{len(adapter.categories)} categories x {p.length} tokens")
-    if adapter.strategy in ("linear-probe", "finetune") and not adapter.weights:
-        raise AdapterError(f"{path}: a {adapter.strategy} adapter must carry weights.* tensors")
-    if adapter.strategy == "lora" and (not adapter.lora or not adapter.lora_config):
-        raise AdapterError(f"{path}: a lora adapter must carry lora.* tensors and its lora_config")
+_REQUIRED = ("prompt.hidden", "prompt.mask", "prompt.positive_map", "prompt.input_ids")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTEGERS = (torch.int64, torch.int32)
+_FLAGS = (torch.bool, torch.uint8, torch.int64, torch.int32)
+
+
+def _check_tensors(tensors: dict[str, Tensor], label: str) -> None:
+    """Names, shapes (batch dimension included), dtypes and values of the prompt tensors; finite floats."""
+    missing = [k for k in _REQUIRED if k not in tensors]
+    if missing:
+        raise AdapterError(f"{label} lacks tensors {missing}; the file is damaged, re-export it")
+    unknown = [k for k in tensors if k not in _REQUIRED and not k.startswith(("weights.", "lora."))]
+    if unknown:
+        raise AdapterError(f"{label} has unexpected tensors {sorted(unknown)[:5]}; an adapter holds prompt.*, "
+                           "weights.* and lora.* tensors only")
+    hidden, mask = tensors["prompt.hidden"], tensors["prompt.mask"]
+    positive, ids = tensors["prompt.positive_map"], tensors["prompt.input_ids"]
+    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1:
+        raise AdapterError(f"{label}: prompt.hidden (P0) is {tuple(hidden.shape)}; it must be (1, T, D): one prompt "
+                           "(batch size 1) of T >= 1 tokens")
+    length = hidden.shape[1]
+    if hidden.dtype not in _FLOATS:
+        raise AdapterError(f"{label}: prompt.hidden has dtype {hidden.dtype}; expected float32, float16 or bfloat16")
+    for name, tensor, dtypes in (("prompt.mask", mask, _FLAGS), ("prompt.input_ids", ids, _INTEGERS)):
+        if tuple(tensor.shape) != (1, length):
+            raise AdapterError(f"{label}: {name} is {tuple(tensor.shape)}; it must be (1, {length}) like P0")
+        if tensor.dtype not in dtypes:
+            raise AdapterError(f"{label}: {name} has dtype {tensor.dtype}; token ids and masks must be integers")
+    if positive.dim() != 2 or positive.shape[0] < 1 or positive.shape[1] != length or positive.dtype not in _FLAGS:
+        raise AdapterError(f"{label}: prompt.positive_map is {tuple(positive.shape)} {positive.dtype}; it must be "
+                           f"(C, {length}) uint8 with C >= 1 categories")
+    for name, tensor in (("prompt.mask", mask), ("prompt.positive_map", positive)):
+        if not bool(((tensor == 0) | (tensor == 1)).all()):
+            raise AdapterError(f"{label}: {name} holds values other than 0 and 1")
+    if not bool(mask.bool().any()) or int(ids.min()) < 0:
+        raise AdapterError(f"{label}: the prompt has no real token or a negative token id")
+    if bool((positive.bool() & ~mask.bool()).any()):
+        raise AdapterError(f"{label}: prompt.positive_map points at padding tokens outside the prompt")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{label}: tensor {name} holds NaN or Inf values; the adapter diverged in training, "
+                               "re-train it (e.g. with a lower --lr)")
+        if name.startswith(("weights.", "lora.")) and not tensor.is_floating_point():
+            raise AdapterError(f"{label}: tensor {name} has dtype {tensor.dtype}; weights must be float")
+
+
+def validate_adapter(adapter: Adapter, label: str = "adapter", category_tokens: list | None = None) -> None:
+    """Metadata types and the rules of the adapter's strategy (what any base requires; see check_base)."""
+    cats, positive = adapter.categories, adapter.positive_map
+    if not isinstance(cats, list) or len(cats) != positive.shape[0]:
+        raise AdapterError(f"{label}: metadata 'categories' must list {positive.shape[0]} categories, one per row "
+                           "of prompt.positive_map")
+    for i, cat in enumerate(cats):
+        if not isinstance(cat, dict) or not isinstance(cat.get("name"), str) or not cat["name"].strip():
+            raise AdapterError(f"{label}: category {i + 1} has no name; every category needs a non-empty "
+                               "'name' string")
+        if any(not isinstance(cat.get(k, ""), str) for k in ("prefix", "suffix")) or \
+                type(cat.get("id", 0)) is not int:
+            raise AdapterError(f"{label}: category {cat['name']!r} has a non-string prefix/suffix or a "
+                               "non-integer id")
+        if not bool(positive[i].any()):
+            raise AdapterError(f"{label}: category {cat['name']!r} maps to no prompt token")
+    if category_tokens is not None:
+        length = positive.shape[1]
+        if not isinstance(category_tokens, list) or len(category_tokens) != len(cats) or any(
+                not isinstance(row, list) or any(type(t) is not int or not 0 <= t < length for t in row)
+                for row in category_tokens):
+            raise AdapterError(f"{label}: metadata 'category_tokens' must be {len(cats)} lists of integer token "
+                               f"ids within the prompt's {length} tokens")
+        if category_tokens != [row.nonzero().flatten().tolist() for row in positive]:
+            raise AdapterError(f"{label}: metadata 'category_tokens' disagrees with prompt.positive_map")
+    for key in ("training", "evaluation"):
+        if not isinstance(getattr(adapter, key), dict):
+            raise AdapterError(f"{label}: metadata {key!r} must be a JSON object")
+    _check_strategy(adapter, label)
+
+
+def _check_strategy(adapter: Adapter, label: str) -> None:
+    strategy, weights, lora = adapter.strategy, adapter.weights, adapter.lora
+    if strategy in ("prompt-tune", "lora") and weights:
+        raise AdapterError(f"{label}: a {strategy} adapter carries no weights.* tensors (found {len(weights)})")
+    if strategy != "lora" and (lora or adapter.lora_config):
+        raise AdapterError(f"{label}: only a lora adapter carries lora.* tensors or a lora_config")
+    if strategy in ("linear-probe", "finetune") and not weights:
+        raise AdapterError(f"{label}: a {strategy} adapter must carry weights.* tensors")
+    if strategy == "linear-probe":
+        from adapt.strategies import LINEAR_PROBE_PARAMETERS
+
+        extra = sorted(set(weights) - set(LINEAR_PROBE_PARAMETERS))
+        if extra:
+            raise AdapterError(f"{label}: a linear-probe adapter may replace only the head's tensors "
+                               f"({', '.join(LINEAR_PROBE_PARAMETERS)}); it has {extra[:3]}")
+    if strategy == "lora":
+        config = adapter.lora_config
+        if not isinstance(config, dict) or type(config.get("r")) is not int or config["r"] < 1 or \
+                not isinstance(config.get("alpha"), (int, float)) or isinstance(config.get("alpha"), bool) or \
+                not math.isfinite(config["alpha"]) or not isinstance(config.get("target_modules"), list) or \
+                not config["target_modules"] or not all(isinstance(t, str) for t in config["target_modules"]):
+            raise AdapterError(f"{label}: a lora adapter needs a lora_config with an integer r >= 1, a finite "
+                               "alpha and a non-empty list of target_modules")
+        r, targets = config["r"], config["target_modules"]
+        expected = {f"{t}.lora_{ab}.weight" for t in targets for ab in "AB"}
+        if set(lora) != expected:
+            raise AdapterError(f"{label}: lora tensors do not match lora_config.target_modules (missing "
+                               f"{sorted(expected - set(lora))[:2]}, extra {sorted(set(lora) - expected)[:2]})")
+        for t in targets:
+            down, up = lora[f"{t}.lora_A.weight"], lora[f"{t}.lora_B.weight"]
+            if down.dim() != 2 or up.dim() != 2 or down.shape[0] != r or up.shape[1] != r:
+                raise AdapterError(f"{label}: LoRA factors of {t} are A {tuple(down.shape)}, B {tuple(up.shape)}; "
+                                   f"expected A (r={r}, in) and B (out, r={r})")
 
 
 def base_fingerprint(model) -> str:
@@ -204,14 +339,23 @@ def base_fingerprint(model) -> str:
 def check_base(adapter: Adapter, base, path: str | Path = "adapter") -> None:
     """Refuse an adapter trained on another base, or whose tensors do not fit this base."""
     ours = base_fingerprint(base)
+    loaded = getattr(base.config, "name", "?")
     if adapter.base_fingerprint != ours:
+        if adapter.base_model and adapter.base_model != loaded:
+            fix = f"load it with --base {adapter.base_model}"
+        else:  # same name, other weights: advising the base that is loaded already would not help
+            fix = (f"it was trained on other weights of {loaded!r}: pass the exact checkpoint file it was trained "
+                   "on as --base, or re-train the adapter on this base")
         raise AdapterError(
             f"{path} was trained on base {adapter.base_model!r} (fingerprint {adapter.base_fingerprint[:12]}…) but the "
-            f"loaded base {getattr(base.config, 'name', '?')!r} has fingerprint {ours[:12]}…; load it with "
-            f"--base {adapter.base_model}")
-    text_dim = base.config.text.hidden_size
-    if adapter.prompt.hidden.shape[-1] != text_dim:
-        raise AdapterError(f"{path}: prompt width {adapter.prompt.hidden.shape[-1]} != base text width {text_dim}")
+            f"loaded base {loaded!r} has fingerprint {ours[:12]}…; {fix}")
+    text = base.config.text
+    if adapter.prompt.hidden.shape[-1] != text.hidden_size:
+        raise AdapterError(f"{path}: prompt width {adapter.prompt.hidden.shape[-1]} != base text width "
+                           f"{text.hidden_size}; the adapter belongs to another base")
+    if adapter.prompt.length > text.max_query_len or int(adapter.input_ids.max()) >= text.vocab_size:
+        raise AdapterError(f"{path}: the prompt has {adapter.prompt.length} tokens (at most {text.max_query_len}) or "
+                           f"token ids beyond the vocabulary of {text.vocab_size}")
     state = base.state_dict()
     for key, value in adapter.weights.items():
         if key not in state:
@@ -219,6 +363,14 @@ def check_base(adapter: Adapter, base, path: str | Path = "adapter") -> None:
         if tuple(state[key].shape) != tuple(value.shape) or state[key].dtype != value.dtype:
             raise AdapterError(f"{path}: weight {key!r} is {tuple(value.shape)} {value.dtype}, the base has "
                                f"{tuple(state[key].shape)} {state[key].dtype}")
+    for key, down in adapter.lora.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            weight = state.get(f"{module}.weight")
+            up = adapter.lora[f"{module}.lora_B.weight"]
+            if weight is None or weight.dim() != 2 or (up.shape[0], down.shape[1]) != tuple(weight.shape):
+                raise AdapterError(f"{path}: LoRA target {module!r} is not a linear layer of shape "
+                                   f"({up.shape[0]}, {down.shape[1]}) in the base model")
 
 
 def describe(path: str | Path) -> str:

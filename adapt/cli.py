@@ -18,6 +18,10 @@ app = typer.Typer(help="Parameter-efficient adaptation of GLIP: one frozen core,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when available, else CPU)")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (CUDA only)")]
+
+
 def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -344,22 +348,29 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="largest image, width x height (decompression-bomb guard)")]
     = 25_000_000,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
-    ray: Annotated[bool, typer.Option("--ray", help="run as a Ray Serve deployment on a local Ray instance")] = False,
-    replicas: Annotated[int, typer.Option(help="model replicas with --ray")] = 1,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "float32",
+    ray: Annotated[bool, typer.Option("--ray", help="run as a Ray Serve deployment on a local Ray instance "
+                                                    "(on CUDA: one replica per GPU)")] = False,
+    replicas: Annotated[Optional[int], typer.Option(
+        help="model replicas with --ray (default: one per GPU on CUDA, else 1)")] = None,
 ) -> None:
     """Serve every adapter in --adapters over HTTP on one shared base: POST /v1/tasks/{task}/detect."""
     import os
 
     from adapt.serve.engine import EngineConfig
     from adapt.serve.server import load_keys, run_http, run_ray
+    from backbone.device import resolve_device, resolve_dtype
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     try:
+        resolve_dtype(dtype, resolve_device(device))  # refuse a device or dtype this machine lacks before loading
         config = EngineConfig(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                              deadline_s=deadline, cache_bytes=cache_mb * 2**20, max_pixels=max_pixels)
+                              deadline_s=deadline, cache_bytes=cache_mb * 2**20, max_pixels=max_pixels,
+                              device=device, dtype=dtype)
         key_config = load_keys(keys or os.environ.get("ADAPT_SERVE_KEYS"))
         options = dict(base=base, adapters_dir=adapters, engine_config=config, keys=key_config, host=host, port=port,
                        max_body_bytes=max_body_mb * 2**20)
@@ -370,15 +381,72 @@ def serve(
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
 
+
 def _register_subapps() -> None:
     from adapt.cli_tasks import tasks_app
 
     app.add_typer(tasks_app, name="tasks", help="List, inspect, fetch and render detection tasks.")
 
 
+# Known failures and the one line a user sees for them; anything else is reported as a bug, still in one line.
+_PICKLE_HINT = ("holds pickled objects other than tensors, which this toolkit will not unpickle (that could run code); "
+                "pass a .safetensors checkpoint, a checkpoint name (e.g. glip-nano) or an official GLIP .pth")
+
+
+def _argument(option: str) -> str | None:
+    """The value given to `option` on this command line, for naming it in an error."""
+    import sys
+
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def user_message(error: BaseException) -> str:
+    """One line for `error`: what went wrong and what to do next (never a traceback, never torch's advice)."""
+    import pickle
+
+    from PIL import UnidentifiedImageError
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
+        source = _argument("--base")
+        return f"{repr(source) if source else 'the checkpoint'} {_PICKLE_HINT}"
+    if isinstance(error, UnidentifiedImageError):
+        return f"{text.replace('cannot identify image file', 'cannot read image')}; pass a PNG, JPEG or WebP file"
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return f"{text}; check the path"
+    if isinstance(error, OSError) and "image" in text.lower():
+        return f"{text}; the image is truncated or corrupt, re-export it"
+    if isinstance(error, (ValueError, KeyError, TypeError, OSError)):
+        return text.strip('"')
+    return f"{type(error).__name__}: {text} (an internal error; rerun with ADAPT_DEBUG=1 for the traceback and report it)"
+
+
 def main() -> None:
+    """The `adapt` entry point: every command's failure is one `error: ...` line and exit status 2."""
+    import os
+    import sys
+    import warnings
+
     _register_subapps()
-    app()
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's, before its pickle refusal
+    try:
+        app(standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except BaseException as error:
+        if os.environ.get("ADAPT_DEBUG"):
+            raise
+        typer.echo(f"error: {user_message(error)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

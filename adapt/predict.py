@@ -25,13 +25,15 @@ class AdapterDetector:
     def load(cls, adapter_path, base: str | None = None, *, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None) -> "AdapterDetector":
         """From an adapter file (on its base, or `base`), or from a merged single-task model file."""
-        from adapt.adapter import read_merged, read_metadata
+        from adapt.adapter import AdapterError, read_merged, read_metadata
 
         resolve_dtype(dtype, resolve_device(device))  # refuse an impossible device or dtype before loading
         merged = read_merged(adapter_path)
         if merged is not None:
             return cls(GLIP.from_pretrained(str(adapter_path)), merged, device=device, dtype=dtype)
-        name = base or read_metadata(adapter_path)["base_model"]
+        name = base or read_metadata(adapter_path).get("base_model")  # read_metadata refuses non-adapters first
+        if not name:
+            raise AdapterError(f"{adapter_path} does not name its base model; pass --base CHECKPOINT")
         glip = GLIP.from_pretrained(name)
         return cls(glip, load_adapter(adapter_path, base=glip), device=device, dtype=dtype)
 

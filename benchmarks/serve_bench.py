@@ -7,8 +7,12 @@ Sections (all by default; pick with --sections):
         switch cost, in-process through the engine.
   rss   resident memory of a server process with 1, 100 and 1,000 registered prompt adapters, before and
         after each was served once.
-  soak  N requests with 5% bad inputs mixed in: crashes (5xx, dead server), wrong-tenant answers, RSS drift.
+  soak  N requests with 5% bad inputs mixed in, and broken adapters uploaded by the admin every 100 requests:
+        crashes (5xx, dead server), healthy-tenant failures, wrong-tenant answers, RSS drift.
   batch in-process: 4 and 8 tenants' requests as one engine batch vs one at a time (ms per image).
+  lora  LoRA served unmerged: bytes per resident LoRA tenant (default targets, --lora-rank), how many fit
+        the default cache, and one batch of 8 LoRA tenants vs 8 requests of one tenant vs the old way
+        (each adapter folded into dense weights, run alone); batched vs single score difference.
 
 The adapters are synthetic (adapt.serve.testing: the base's P0 of a category prompt plus a random
 offset), in the real file format; every tenant has its own key and may call only its own task.
@@ -126,15 +130,27 @@ def prepare_workdir(args) -> dict:
             template.prompt = type(template.prompt)(hidden, hidden.clone(), template.prompt.mask)
             template.task = f"p-{j:04d}"
             save_adapter(template, path)
-    keys = {"tenants": [{"name": t["task"], "key_sha256": hash_key(t["key"]), "tasks": [t["task"]]} for t in tenants],
+    # The soak adds the LoRA and linear-probe tenants, and "mallory", whose adapter in the folder is broken
+    # (a P0 of batch size 2, written past validation): its requests are refused, nobody else's may fail.
+    from adapt.serve.testing import faulty_adapter_bytes
+
+    extra = [{"task": f"{s}-task", "key": f"key-{s}-task", "categories": ["fish", "shark"]}
+             for s in ("lora", "linear-probe")]
+    mallory = {"task": "mallory", "key": "key-mallory", "categories": ["cat", "dog"]}
+    (adapters / "mallory.safetensors").write_bytes(faulty_adapter_bytes(base, processor, "p0_batch_2"))
+    keys = {"tenants": [{"name": t["task"], "key_sha256": hash_key(t["key"]), "tasks": [t["task"]]}
+                        for t in tenants + extra + [mallory]],
             "admins": [{"name": "ops", "key_sha256": hash_key("key-admin")}]}
     (work / "keys.json").write_text(json.dumps(keys))
     side = args.image_size or base.config.image.max_size
     images = [image_bytes(side, side, seed=s) for s in range(8)]
     print(f"prepared {work} in {time.perf_counter() - started:.1f} s (base {base.config.name}, images {side}x{side})",
           flush=True)
+    from adapt.serve.testing import FAULTY_KINDS
+
+    faulty = {kind: faulty_adapter_bytes(base, processor, kind) for kind in FAULTY_KINDS}
     return {"adapters": str(adapters), "tenants": tenants, "images": images, "rss_dirs": rss_dirs,
-            "keys": str(work / "keys.json")}
+            "keys": str(work / "keys.json"), "soak_tenants": tenants + extra, "mallory": mallory, "faulty": faulty}
 
 
 # ------------------------------------------------------------------------------------------- the server
@@ -363,6 +379,95 @@ def section_batch(args, plan) -> dict:
     return out
 
 
+def section_lora(args, plan=None) -> dict:
+    """LoRA served unmerged: bytes per resident tenant, how many fit the default cache, and one engine batch of 8
+    requests of 8 LoRA tenants (grouped rank-r terms) vs 8 requests of one, vs folding each adapter into dense
+    weights and running it alone (what the server did before)."""
+    import re
+
+    import torch
+    from torch import nn
+
+    from adapt.adapter import load_adapter, save_adapter, weight_overrides
+    from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine, _select
+    from adapt.serve.testing import image_bytes, make_adapter
+    from adapt.strategies import LORA_DEFAULT_TARGETS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base(args.base)
+    processor = make_processor(base.config, args.image_size)
+    folder = Path(args.workdir) / "lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    r = args.lora_rank
+    linear = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(LORA_DEFAULT_TARGETS, n)}
+    for i in range(8):
+        path = folder / f"lora-{i}.safetensors"
+        if path.exists():
+            continue
+        adapter = make_adapter(base, processor, f"lora-{i}", tenant_categories(i), strategy="lora", seed=i)
+        g = torch.Generator().manual_seed(100 + i)
+        adapter.lora = {}
+        for name, m in linear.items():
+            adapter.lora[f"{name}.lora_A.weight"] = 0.02 * torch.randn(r, m.in_features, generator=g)
+            adapter.lora[f"{name}.lora_B.weight"] = 0.02 * torch.randn(m.out_features, r, generator=g)
+        adapter.lora_config = {"r": r, "alpha": 2.0 * r, "target_modules": list(linear), "dropout": 0.0}
+        save_adapter(adapter, path)
+    engine = MultiTenantEngine(base, folder, EngineConfig(), processor=processor)
+    entry = engine.pool.get("lora-0")
+    lora_bytes = sum(t.nbytes for d in (entry.lora.down, entry.lora.up) for t in d.values())
+    dense_bytes = sum(m.weight.nbytes for m in linear.values())  # one folded copy of every target weight
+    out = {"targets": len(linear), "rank": r, "resident_bytes": entry.nbytes, "lora_factor_bytes": lora_bytes,
+           "prompt_bytes": entry.nbytes - lora_bytes, "folded_dense_bytes": dense_bytes,
+           "cache_bytes": engine.pool.max_bytes, "tenants_fit_default_cache": engine.pool.max_bytes // entry.nbytes,
+           "tenants_fit_folded": engine.pool.max_bytes // (dense_bytes + entry.nbytes - lora_bytes)}
+    side = args.image_size or base.config.image.max_size
+    images = [engine.prepare(image_bytes(side, side, seed=i)) for i in range(8)]
+    params = DetectParams(0.3, 100)
+    mixed = [(f"lora-{i}", images[i], params) for i in range(8)]
+    one = [("lora-0", images[i], params) for i in range(8)]
+    adapters = [load_adapter(folder / f"lora-{i}.safetensors", base=base) for i in range(8)]
+    folded = [weight_overrides(a, base) for a in adapters]
+
+    def run_folded():  # the old way: O0 once, then each adapter's own pass with its dense override tensors
+        with torch.inference_mode():
+            pixels = torch.stack([im.pixel_values for im in images])
+            visual = base.encode_images(pixels, [im.image_size for im in images])
+            for i, adapter in enumerate(adapters):
+                torch.func.functional_call(base, folded[i], (adapter.prompt,), {"visual": _select(visual, [i])})
+
+    timings = {"mixed_8_tenants": lambda: engine.run(mixed), "one_tenant": lambda: engine.run(one),
+               "folded_per_adapter": run_folded}
+    for fn in timings.values():
+        fn()  # warm-up
+    times = {name: [] for name in timings}
+    for _ in range(args.batch_reps):  # interleaved, so that a change in the machine's load hits all alike
+        for name, fn in timings.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    for name, series in times.items():
+        out[f"{name}_s_per_batch"] = statistics.median(series)
+        out[f"{name}_images_per_s"] = 8 / statistics.median(series)
+    worst = 0.0
+    for item, batched in zip(mixed, engine.run(mixed)):
+        [single] = engine.run([item])
+        for b, s_ in zip(batched.detections, single.detections):
+            worst = max(worst, abs(b["score"] - s_["score"]))
+        assert [d["category"] for d in batched.detections] == [d["category"] for d in single.detections]
+    out["batched_vs_single_max_score_diff"] = worst
+    print(f"  LoRA r={r} on {len(linear)} target layers: resident tenant {entry.nbytes / 2**20:.2f} MiB "
+          f"({lora_bytes / 2**20:.2f} MiB factors + {(entry.nbytes - lora_bytes) / 2**10:.0f} KiB prompt) vs "
+          f"{dense_bytes / 2**20:.1f} MiB folded; default cache ({engine.pool.max_bytes / 2**20:.0f} MiB) holds "
+          f"{out['tenants_fit_default_cache']} (folded: {out['tenants_fit_folded']})", flush=True)
+    print(f"  batch of 8: 8 LoRA tenants {out['mixed_8_tenants_images_per_s']:.2f} img/s vs one tenant "
+          f"{out['one_tenant_images_per_s']:.2f} img/s "
+          f"({out['mixed_8_tenants_images_per_s'] / out['one_tenant_images_per_s']:.2f}x); folded per adapter "
+          f"{out['folded_per_adapter_images_per_s']:.2f} img/s; batched vs single max |score diff| {worst:.1e}",
+          flush=True)
+    return out
+
+
 def child_rss(spec: dict) -> None:
     import gc
 
@@ -413,48 +518,68 @@ def section_rss(args, plan) -> dict:
 # --------------------------------------------------------------------------------------------------- soak
 
 
-def bad_job(kind: str, tenant: dict, other: dict, image: bytes, bomb: bytes) -> dict:
+BAD_KINDS = ("not_image", "truncated", "bomb", "oversized", "malformed_json", "deep_json", "nan_threshold",
+             "nan_timeout", "bad_key", "foreign_task", "faulty_adapter_task")
+
+
+def bad_job(kind: str, tenant: dict, other: dict, image: bytes, bomb: bytes, mallory: dict) -> dict:
     headers = {"Authorization": f"Bearer {tenant['key']}"}
     path = f"/v1/tasks/{tenant['task']}/detect"
+    json_headers = {**headers, "Content-Type": "application/json"}
+    form = {"files": {"image": image}, "headers": headers}
     kwargs = {
         "not_image": {"files": {"image": b"GIF89a but not really an image" * 20}, "headers": headers},
         "truncated": {"files": {"image": image[: len(image) // 3]}, "headers": headers},
         "bomb": {"files": {"image": bomb}, "headers": headers},
-        "oversized": {"content": b"\0" * (17 * 2**20), "headers": {**headers, "Content-Type": "application/json"}},
-        "malformed_json": {"content": b'{"image": ', "headers": {**headers, "Content-Type": "application/json"}},
+        "oversized": {"content": b"\0" * (17 * 2**20), "headers": json_headers},
+        "malformed_json": {"content": b'{"image": ', "headers": json_headers},
+        "deep_json": {"content": b"[" * 100_000 + b"]" * 100_000, "headers": json_headers},
+        "nan_threshold": {"content": b'{"image": "aGk=", "threshold": NaN}', "headers": json_headers},
+        "nan_timeout": {"files": {"image": image}, "headers": {**headers, "X-Timeout-Ms": "nan"}},
         "bad_key": {"files": {"image": image}, "headers": {"Authorization": "Bearer nope"}},
     }
     expected = {"not_image": 422, "truncated": 422, "bomb": 413, "oversized": 413, "malformed_json": 400,
-                "bad_key": 401, "foreign_task": 404}
+                "deep_json": 400, "nan_threshold": 422, "nan_timeout": 422, "bad_key": 401}
     if kind == "foreign_task":
-        return {"path": f"/v1/tasks/{other['task']}/detect", "expect": 404, "bad": kind,
-                "kwargs": {"files": {"image": image}, "headers": headers}}
+        return {"path": f"/v1/tasks/{other['task']}/detect", "expect": 404, "bad": kind, "kwargs": form}
+    if kind == "faulty_adapter_task":  # the tenant whose adapter in the folder fails validation
+        return {"path": f"/v1/tasks/{mallory['task']}/detect", "expect": 422, "bad": kind,
+                "kwargs": {"files": {"image": image}, "headers": {"Authorization": f"Bearer {mallory['key']}"}}}
     return {"path": path, "expect": expected[kind], "bad": kind, "kwargs": kwargs[kind]}
 
 
+def bad_upload_job(kind: str, target: str, data: bytes) -> dict:
+    """The admin uploads a broken adapter over a healthy tenant's (or under a name with a newline)."""
+    path = "/v1/adapters/x%0a" if kind == "newline_name" else f"/v1/adapters/{target}"
+    return {"method": "PUT", "path": path, "expect": 422, "bad": f"upload_{kind}",
+            "kwargs": {"content": data, "headers": {"Authorization": "Bearer key-admin",
+                                                    "Content-Type": "application/octet-stream"}}}
+
+
 def section_soak(args, plan) -> dict:
+    import hashlib
+
     from adapt.serve.testing import bomb_bytes
 
     port = free_port()
     proc = start_server(args, plan, max_batch=args.max_batch, window_ms=args.window_ms, port=port)
     url = f"http://127.0.0.1:{port}"
     rng = random.Random(7)
-    tenants = plan["tenants"]
-    versions = {}
-    for t in tenants:
-        import hashlib
-
-        versions[t["task"]] = hashlib.sha256(Path(plan["adapters"], f"{t['task']}.safetensors").read_bytes()
-                                             ).hexdigest()[:16]
+    tenants = plan["soak_tenants"]
+    files = {t["task"]: Path(plan["adapters"], f"{t['task']}.safetensors") for t in tenants}
+    versions = {task: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for task, path in files.items()}
     bomb = bomb_bytes(6000)  # 36 Mpx, over the server's 25 Mpx default
-    kinds = ["not_image", "truncated", "bomb", "oversized", "malformed_json", "bad_key", "foreign_task"]
+    uploads = [*plan["faulty"].items(), ("newline_name", next(iter(plan["faulty"].values())))]
     jobs = []
     for i in range(args.soak_requests):
         tenant = rng.choice(tenants)
         image = rng.choice(plan["images"])
-        if rng.random() < 0.05:
+        if i % 100 == 50:  # mid-run, the admin keeps uploading broken adapters over healthy tenants' ones
+            kind, data = uploads[(i // 100) % len(uploads)]
+            jobs.append(bad_upload_job(kind, tenant["task"], data))
+        elif rng.random() < 0.05:
             other = rng.choice([t for t in tenants if t is not tenant])
-            jobs.append(bad_job(kinds[i % len(kinds)], tenant, other, image, bomb))
+            jobs.append(bad_job(BAD_KINDS[i % len(BAD_KINDS)], tenant, other, image, bomb, plan["mallory"]))
         else:
             job = detect_job(tenant, image)
             job["expect"] = 200
@@ -469,6 +594,9 @@ def section_soak(args, plan) -> dict:
                 crashed = True
                 break
             rss.append(rss_mb(proc.pid))
+            healthy_failed = sum(r["status"] != 200 for j, r in zip(jobs, results) if j["expect"] == 200)
+            print(f"  {len(results)} requests, {time.perf_counter() - started:.0f} s, RSS {rss[-1]:.0f} MiB, "
+                  f"healthy-tenant failures {healthy_failed}", flush=True)
         alive = proc.poll() is None
         import httpx
 
@@ -476,12 +604,16 @@ def section_soak(args, plan) -> dict:
     finally:
         wall = time.perf_counter() - started
         stop_server(proc)
-    wrong_status = wrong_tenant = server_errors = 0
+    wrong_status = wrong_tenant = server_errors = healthy_failures = 0
+    unexpected: dict[str, int] = {}
     for job, result in zip(jobs, results):
         if result["status"] >= 500 or result["status"] < 0:
             server_errors += 1
         if result["status"] != job["expect"]:
             wrong_status += 1
+            healthy_failures += job["expect"] == 200
+            key = f"{job.get('bad', 'healthy')}:{result['status']}"
+            unexpected[key] = unexpected.get(key, 0) + 1
             continue
         if job["expect"] == 200:
             body = json.loads(result["body"])
@@ -490,16 +622,22 @@ def section_soak(args, plan) -> dict:
                     not {d["category"] for d in body["detections"]} <= set(job["tenant"]["categories"]):
                 wrong_tenant += 1
     bad = sum(1 for j in jobs if "bad" in j)
-    out = {"requests": len(jobs), "answered": len(results), "bad_inputs": bad, "seconds": wall,
-           "server_errors_5xx": server_errors, "unexpected_status": wrong_status, "wrong_tenant_answers": wrong_tenant,
+    untouched = all(hashlib.sha256(path.read_bytes()).hexdigest()[:16] == versions[task] for task, path in files.items())
+    out = {"requests": len(jobs), "answered": len(results), "bad_inputs": bad,
+           "bad_uploads": sum(1 for j in jobs if j.get("method") == "PUT"), "seconds": wall,
+           "healthy_requests": sum(1 for j in jobs if j["expect"] == 200), "healthy_failures": healthy_failures,
+           "server_errors_5xx": server_errors, "unexpected_status": wrong_status, "unexpected_by_kind": unexpected,
+           "wrong_tenant_answers": wrong_tenant, "adapter_files_untouched": untouched,
            "crashed": crashed or not healthy, "rss_mb_first": rss[0] if rss else None,
            "rss_mb_last": rss[-1] if rss else None, "rss_mb_max": max(rss) if rss else None,
            "rss_mb_after_10pct": rss[max(0, len(rss) // 10)] if rss else None,
            "rss_mb_every_chunk": [round(x) for x in rss], "chunk_requests": chunk}
-    print(f"  soak: {len(results)}/{len(jobs)} answered in {wall:.0f} s ({bad} bad inputs): 5xx {server_errors}, "
-          f"unexpected status {wrong_status}, wrong-tenant answers {wrong_tenant}, crashed {out['crashed']}; "
-          f"server RSS {out['rss_mb_first']:.0f} -> {out['rss_mb_last']:.0f} MiB (max {out['rss_mb_max']:.0f}, "
-          f"after 10% {out['rss_mb_after_10pct']:.0f})", flush=True)
+    print(f"  soak: {len(results)}/{len(jobs)} answered in {wall:.0f} s ({bad} bad inputs, {out['bad_uploads']} "
+          f"bad adapter uploads): healthy-tenant failures {healthy_failures} of {out['healthy_requests']}, "
+          f"5xx {server_errors}, unexpected status {wrong_status} {unexpected}, wrong-tenant answers {wrong_tenant}, "
+          f"adapter files untouched {untouched}, crashed {out['crashed']}; server RSS {out['rss_mb_first']:.0f} -> "
+          f"{out['rss_mb_last']:.0f} MiB (max {out['rss_mb_max']:.0f}, after 10% {out['rss_mb_after_10pct']:.0f})",
+          flush=True)
     return out
 
 
@@ -509,7 +647,7 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name printed with the figures")
     parser.add_argument("--image-size", type=int, default=None, help="square resize (default: the base config's)")
     parser.add_argument("--workdir", default=None, help="adapters, keys (default: a temporary folder)")
-    parser.add_argument("--sections", default="load,cold,rss,soak,batch")
+    parser.add_argument("--sections", default="load,cold,rss,soak,batch,lora")
     parser.add_argument("--requests", type=int, default=200, help="requests per load configuration")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     parser.add_argument("--modes", default="on,off", help="batching modes to load-test")
@@ -520,6 +658,7 @@ def main() -> None:
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--switch-reps", type=int, default=22)
     parser.add_argument("--batch-reps", type=int, default=5, help="repetitions of the in-process batch comparison")
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the [lora] section's adapters")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--child-server", default=None, help=argparse.SUPPRESS)
@@ -532,12 +671,13 @@ def main() -> None:
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="serve-bench-")
     print(f"serve_bench {args.label or args.base}: {os.cpu_count()} CPUs, torch threads {args.threads}, "
           f"max_batch {args.max_batch}, window {args.window_ms} ms, concurrency {args.concurrency}", flush=True)
-    plan = prepare_workdir(args)
+    sections = args.sections.split(",")
+    plan = prepare_workdir(args) if set(sections) - {"lora"} else None  # [lora] makes its own adapters
     figures = {}
-    for section in args.sections.split(","):
+    for section in sections:
         print(f"[{section}]", flush=True)
         figures[section] = {"load": section_load, "cold": section_cold, "rss": section_rss, "soak": section_soak,
-                            "batch": section_batch}[section](args, plan)
+                            "batch": section_batch, "lora": section_lora}[section](args, plan)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1, default=str))
 

@@ -6,7 +6,9 @@ Routes (JSON everywhere, errors as {"error": {"code", "message"}}):
     PUT    /v1/adapters/{name}       admin: upload a .safetensors adapter (raw body or multipart `adapter`)
     DELETE /v1/adapters/{name}       admin
     GET    /healthz, /readyz         liveness, readiness
+    GET    /v1/adapters              admin: every adapter with its version, strategy and status (ok/refused/quarantined)
     GET    /metrics                  Prometheus text (admin key unless the server is open: it names tasks)
+    GET    /                         the web page (adapt/serve/static: plain HTML/JS/CSS, no build step, no CDN)
 
 The app owns HTTP concerns only (auth, body limits, parsing, status codes); everything else goes
 through a `Backend`, so the same app serves `EngineBackend` (one process) and the Ray Serve ingress.
@@ -18,14 +20,19 @@ import base64
 import binascii
 import json
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -33,15 +40,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapt.adapter import AdapterError
-from adapt.serve.engine import (DeadlineExceeded, DetectParams, DetectResult, EngineStopped, ImageTooLarge,
-                                InvalidImage, MultiTenantEngine, PreparedImage, QueueFull)
-from adapt.serve.metrics import Metrics, add_http_metrics
-from adapt.serve.pool import InvalidAdapterName, UnknownAdapter, validate_name
-from adapt.serve.schemas import (AdapterInfo, Deleted, DetectForm, DetectJSON, DetectResponse, ErrorResponse,
-                                 Status, TaskInfo, TaskList)
+from adapt.serve.engine import (AdapterFailed, DeadlineExceeded, DetectParams, DetectResult, EngineStopped,
+                                ImageTooLarge, InvalidImage, MultiTenantEngine, PreparedImage, QueueFull)
+from adapt.serve.metrics import CONTENT_TYPE, Metrics, add_http_metrics
+from adapt.serve.pool import AdapterQuarantined, InvalidAdapterName, UnknownAdapter, validate_name
+from adapt.serve.schemas import (AdapterInfo, AdapterList, Deleted, DetectForm, DetectJSON, DetectResponse,
+                                 ErrorResponse, Status, TaskInfo, TaskList)
 from adapt.serve.tenancy import Tenancy, Tenant
 
 log = logging.getLogger("adapt.serve")
+STATIC = Path(__file__).parent / "static"
+JSON_MAX_DEPTH = 32  # a detect body is one flat object; json.loads recurses per level (100,000 deep: RecursionError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +82,7 @@ class Backend(Protocol):
     async def task_infos(self, names: list[str]) -> list[dict]: ...
     async def put_adapter(self, name: str, data: bytes) -> dict: ...
     async def delete_adapter(self, name: str) -> bool: ...
+    async def adapter_list(self) -> list[dict]: ...
     async def metrics_text(self) -> str: ...
 
 
@@ -123,6 +133,9 @@ class EngineBackend:
     async def delete_adapter(self, name: str) -> bool:
         return await run_in_threadpool(self.engine.pool.delete, name)
 
+    async def adapter_list(self) -> list[dict]:
+        return await run_in_threadpool(adapter_list, self.engine.pool)
+
     async def metrics_text(self) -> str:
         return self.metrics.render()
 
@@ -134,6 +147,11 @@ def task_infos(pool, names: list[str]) -> list[dict]:
         infos.append({"name": name, "loaded": entry is not None, "adapter_version": entry and entry.version,
                       "strategy": entry and entry.strategy})
     return infos
+
+
+def adapter_list(pool) -> list[dict]:
+    """Every adapter of the folder as an admin sees it (each is loaded and verified to tell its status)."""
+    return [pool.status(name) for name in pool.names()]
 
 
 def adapter_upload(pool, name: str, data: bytes) -> dict:
@@ -169,6 +187,10 @@ def to_api_error(error: Exception) -> ApiError:
         return ApiError(404, "unknown_task", f"unknown task {error.args[0]!r}")
     if isinstance(error, InvalidAdapterName):
         return ApiError(422, "invalid_name", str(error))
+    if isinstance(error, AdapterQuarantined):
+        return ApiError(503, "adapter_quarantined", str(error))
+    if isinstance(error, AdapterFailed):
+        return ApiError(500, "adapter_failed", str(error))
     if isinstance(error, AdapterError):
         return ApiError(422, "adapter_refused", str(error))
     log.error("internal error", exc_info=error)
@@ -195,7 +217,9 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over `limit` bytes without reading it all."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and not (declared.isascii() and declared.isdigit()):
+        raise ApiError(400, "invalid_header", f"Content-Length must be a number of bytes, got {declared[:40]!r}")
+    if declared is not None and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"request body of {int(declared):,} bytes exceeds {limit:,} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -220,6 +244,41 @@ async def _form(request: Request, body: bytes) -> dict[str, Any]:
     return values
 
 
+def check_json_depth(body: bytes, limit: int = JSON_MAX_DEPTH) -> None:
+    """Refuse (400) JSON nested deeper than `limit` before parsing it (vectorised: a 16 MiB body takes ms).
+
+    Brackets are counted outside strings only when the raw count exceeds the limit (base64 has none)."""
+    raw = np.frombuffer(body, dtype=np.uint8)
+    if _max_depth(raw) <= limit:
+        return
+    import re
+
+    if _max_depth(np.frombuffer(re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', body), dtype=np.uint8)) > limit:
+        raise ApiError(400, "json_too_deep", f"the JSON body nests deeper than {limit} levels; send one flat "
+                       "object {'image': base64, 'threshold', 'top_k'}")
+
+
+def _max_depth(raw: np.ndarray) -> int:
+    if raw.size == 0:
+        return 0
+    steps = np.isin(raw, (91, 123)).astype(np.int32) - np.isin(raw, (93, 125)).astype(np.int32)  # [{ +1, ]} -1
+    return int(np.cumsum(steps).max())
+
+
+def request_timeout(raw: str | None, default: float) -> float:
+    """The deadline in seconds for an X-Timeout-Ms header value (None: the default; never beyond it)."""
+    if raw is None:
+        return default
+    try:
+        value = float(raw) / 1000.0
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ApiError(422, "invalid_header", f"X-Timeout-Ms must be a positive, finite number of milliseconds, "
+                       f"got {raw[:40]!r}; omit it for the server's deadline of {default:g} s")
+    return min(value, default)
+
+
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
@@ -234,10 +293,14 @@ async def parse_detect(request: Request, body: bytes) -> tuple[bytes, DetectPara
             form = DetectForm(**fields)
             return bytes(form.image), DetectParams(form.threshold, form.top_k)
         if media in ("application/json", ""):
+            check_json_depth(body)
             try:
                 data = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ApiError(400, "malformed_json", f"the body is not valid JSON ({error})") from None
+            except RecursionError:
+                raise ApiError(400, "json_too_deep", f"the JSON body nests deeper than {JSON_MAX_DEPTH} levels; "
+                               "send one flat object {'image': base64, 'threshold', 'top_k'}") from None
             if not isinstance(data, dict):
                 raise ApiError(422, "invalid_request", "the JSON body must be an object with an 'image' field")
             req = DetectJSON(**data)
@@ -323,11 +386,11 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
             if not visible(who, task):  # another tenant's task looks exactly like a missing one
                 raise ApiError(404, "unknown_task", f"unknown task {task!r}; GET /v1/tasks lists yours")
             label = task
+            timeout = request_timeout(request.headers.get("x-timeout-ms"), backend.deadline_s)  # before queueing
             backend.check_capacity()  # refuse before spending time on decoding
             body = await read_body(request, limits.max_body_bytes)
             data, params = await parse_detect(request, body)
             image = await run_in_threadpool(backend.prepare, data)
-            timeout = _timeout(request)
             result = await backend.detect(task, image, params, timeout)
             status = 200
             return result.to_dict()
@@ -339,19 +402,6 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
             metrics.inc("adapt_requests_total", task=label, code=str(status))
             if status == 200:
                 metrics.observe("adapt_request_seconds", time.perf_counter() - started, task=label)
-
-    def _timeout(request: Request) -> float:
-        default = backend.deadline_s
-        raw = request.headers.get("x-timeout-ms")
-        if raw is None:
-            return default
-        try:
-            value = float(raw) / 1000.0
-        except ValueError:
-            raise ApiError(422, "invalid_request", f"X-Timeout-Ms must be a number of milliseconds, got {raw!r}")
-        if value <= 0:
-            raise ApiError(422, "invalid_request", "X-Timeout-Ms must be positive")
-        return min(value, default)
 
     @app.get("/v1/tasks", response_model=TaskList, responses={401: _ERRORS[401]}, summary="Tasks this key may call")
     async def list_tasks(who: Tenant = Depends(tenant)):
@@ -376,6 +426,11 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
             raise api from None
         return JSONResponse(AdapterInfo(**info).model_dump(), status_code=200 if info["replaced"] else 201)
 
+    @app.get("/v1/adapters", response_model=AdapterList, responses={k: _ERRORS[k] for k in (401, 403)},
+             summary="Every adapter with its version, strategy and status (admin)")
+    async def list_adapters(_who: Tenant = Depends(admin)):
+        return {"adapters": await backend.adapter_list()}
+
     @app.delete("/v1/adapters/{name}", response_model=Deleted,
                 responses={k: _ERRORS[k] for k in (401, 403, 404, 422)}, summary="Delete an adapter (admin)")
     async def delete_adapter(name: str, _who: Tenant = Depends(admin)):
@@ -387,6 +442,12 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
         if not deleted:
             raise ApiError(404, "unknown_task", f"unknown adapter {name!r}")
         return {"deleted": name}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/healthz", response_model=Status, summary="Liveness")
     async def healthz():
@@ -403,7 +464,7 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
     async def prometheus(who: Tenant = Depends(tenant)):
         if not tenancy.open and not who.admin:  # per-task series would reveal other tenants' task names
             raise ApiError(403, "forbidden", "/metrics needs an admin key")
-        return PlainTextResponse(await backend.metrics_text(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await backend.metrics_text(), media_type=CONTENT_TYPE)
 
     def openapi() -> dict:
         # The detect and upload bodies are parsed by hand (size limit first), so their schemas are added here.

@@ -4,9 +4,16 @@ Data flow per batch (design §4.2): requests that arrive within `batch_window_ms
 are grouped by padded image size; each group's images go through Swin + FPN ONCE (O0 does not depend
 on the task). Prompt-tuning adapters carry their final P0, so their requests, whatever their tasks,
 share one fusion + head pass with per-sample prompts padded to the longest and masked; the language
-backbone never runs (the engine drops it). Adapters that change weights (linear probe, LoRA) run per
-adapter through `torch.func.functional_call` with their override tensors, so the shared base is never
-modified. Full fine-tunes are refused. The lorax idea of "segments per adapter", on GLIP's seams.
+backbone never runs (the engine drops it). LoRA requests join that shared pass: their rank-r factors are
+applied unmerged, per group of samples of one adapter, by hooks on the target modules (adapt.serve.lora).
+Linear probes, which replace head tensors, run per adapter through `torch.func.functional_call` with
+their override tensors, so the shared base is never modified. Full fine-tunes are refused. The lorax
+idea of "segments per adapter", on GLIP's seams.
+
+Fault isolation: a group that fails is retried per adapter, so only the adapter that fails on its own
+fails (AdapterFailed, naming it); a version that fails twice is quarantined by the pool until replaced.
+Device and precision come from the config: inputs move to the model's device, every new tensor is
+made on the device of the data it meets, and bfloat16/float16 run as autocast around the forward.
 
 Batched results equal single-request results because a request's pixels, padding and prompt tensors
 are the same in both paths: images are padded to a multiple of 32 (or to one fixed canvas) per request
@@ -36,7 +43,9 @@ from PIL import Image
 from torch import Tensor
 
 from adapt.serve.metrics import Metrics, server_metrics
+from adapt.serve.lora import grouped_lora
 from adapt.serve.pool import AdapterPool, LoadedAdapter
+from backbone.device import autocast, resolve_device, resolve_dtype
 from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
 from backbone.postprocess import Candidates, Postprocessor
@@ -61,6 +70,9 @@ class EngineConfig:
         default=False, metadata={"help": "pad every image to one square canvas (max_size) so all can batch; "
                                          "default groups images by their padded size instead"})
     keep_text: bool = field(default=False, metadata={"help": "keep the language backbone in memory (unused)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (None: CUDA when available)"})
+    dtype: str = field(default="float32", metadata={"help": "compute precision: float32, bfloat16 or float16 "
+                                                            "(CUDA only); lower precisions run as autocast"})
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "cache_bytes", "max_upload_bytes", "max_pixels"):
@@ -128,6 +140,10 @@ class EngineStopped(RuntimeError):
     pass
 
 
+class AdapterFailed(RuntimeError):
+    """A batch failed for one adapter's requests alone (retried apart from the others); names the adapter."""
+
+
 @dataclass
 class _Request:
     task: str
@@ -153,11 +169,14 @@ class MultiTenantEngine:
                  processor: GLIPProcessor | None = None, postprocessor: Postprocessor | None = None,
                  metrics: Metrics | None = None):
         self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.base = base.eval().requires_grad_(False)
-        self.pool = AdapterPool(base, adapters_dir, max_bytes=config.cache_bytes,
+        self.pool = AdapterPool(base, adapters_dir, max_bytes=config.cache_bytes, device=self.device,
                                 max_upload_bytes=config.max_upload_bytes)  # fingerprints the full base first
         if not config.keep_text:
             self.base.text = None  # prompt features come from adapters: BERT never runs here
+        self.base.to(self.device)
         self.processor = processor or GLIPProcessor.from_config(base.config, max_pixels=config.max_pixels)
         self.postprocessor = postprocessor or Postprocessor.from_config(base.config)
         divisor = max(self.processor.image.size_divisibility, 1)
@@ -206,7 +225,7 @@ class MultiTenantEngine:
                 request = self._queue.get_nowait()
             except queue.Empty:
                 break
-            _fail(request, EngineStopped("the server is shutting down"))
+            _resolve(request, EngineStopped("the server is shutting down"))
 
     def __enter__(self) -> "MultiTenantEngine":
         return self.start()
@@ -323,7 +342,7 @@ class MultiTenantEngine:
             except BaseException as error:  # the batcher must survive anything a batch does
                 log.exception("batch failed")
                 for request in batch:
-                    _fail(request, error if isinstance(error, Exception) else RuntimeError(repr(error)))
+                    _resolve(request, error if isinstance(error, Exception) else RuntimeError(repr(error)))
             finally:
                 self._inflight = 0
 
@@ -336,12 +355,12 @@ class MultiTenantEngine:
                 continue  # the client gave up
             if request.deadline < now:
                 self.metrics.inc("adapt_rejected_total", reason="deadline")
-                _fail(request, DeadlineExceeded(f"request for task {request.task!r} waited past its deadline"))
+                _resolve(request, DeadlineExceeded(f"request for task {request.task!r} waited past its deadline"))
                 continue
             try:
                 request.adapter = self.pool.get(request.task)
             except Exception as error:
-                _fail(request, error)
+                _resolve(request, error)
                 continue
             live.append(request)
         if not live:
@@ -350,21 +369,54 @@ class MultiTenantEngine:
         groups: dict[tuple, list[_Request]] = defaultdict(list)
         for request in live:
             groups[request.image.padded_shape].append(request)
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock, torch.inference_mode(), autocast(self.device, self.dtype):
             for requests in groups.values():
-                try:
-                    self._run_group(requests)
-                except Exception as error:
-                    log.exception("model batch failed")
-                    for request in requests:
-                        _fail(request, error)
+                self._run_isolated(requests)
         elapsed = time.perf_counter() - start
         self.metrics.observe("adapt_batch_seconds", elapsed)
         self._batch_seconds = elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
 
+    def _run_isolated(self, requests: list[_Request]) -> None:
+        """Run one group; if it fails, retry each adapter's requests on their own, so that only the adapter that
+        fails alone fails, with an error naming it; a version failing `pool.max_failures` times is quarantined."""
+        try:
+            self._run_group(requests)
+            return
+        except Exception as error:
+            log.warning("batch of %d requests failed (%s: %s); retrying per adapter", len(requests),
+                        type(error).__name__, error)
+        by_adapter: dict[tuple[str, str], list[_Request]] = defaultdict(list)
+        for request in requests:
+            if not request.future.done():
+                by_adapter[request.adapter.key].append(request)
+        failed = []
+        for group in by_adapter.values():
+            try:
+                self._run_group(group)
+            except Exception as error:
+                failed.append((group, error))
+        # When several adapters all fail alone, the base (or the machine) is at fault, not one of them.
+        blame = len(failed) < len(by_adapter) or len(by_adapter) == 1
+        for group, error in failed:
+            name, version = group[0].adapter.key
+            log.error("adapter %r (version %s) failed on its own", name, version, exc_info=error)
+            if not blame:
+                for request in group:
+                    _resolve(request, error)
+                continue
+            quarantined = self.pool.record_failure(group[0].adapter)
+            self.metrics.inc("adapt_adapter_failures_total", task=name)
+            failure = AdapterFailed(
+                f"adapter {name!r} (version {version}) failed at run time ({type(error).__name__})"
+                + ("; it is now quarantined until an admin uploads a new version" if quarantined else
+                   "; the admin should replace it"))
+            for request in group:
+                _resolve(request, failure)
+
     def _run_group(self, requests: list[_Request]) -> None:
-        """Images of one padded size: O0 once, then one fusion+head pass per segment."""
-        pixels = torch.stack([r.image.pixel_values for r in requests])  # (B, 3, H, W)
+        """Images of one padded size: O0 once, then one fusion+head pass per segment; results are set only
+        once every segment has run (so a retry never answers a request twice)."""
+        pixels = torch.stack([r.image.pixel_values for r in requests]).to(self.device)  # (B, 3, H, W)
         sizes = [r.image.image_size for r in requests]
         visual = self.base.encode_images(pixels, sizes)
         shared = [i for i, r in enumerate(requests) if r.adapter.shares_base]
@@ -374,10 +426,12 @@ class MultiTenantEngine:
             if not r.adapter.shares_base:
                 per_adapter[(r.adapter.name, r.adapter.version)].append(i)
         segments += [(idx, requests[idx[0]].adapter.overrides) for idx in per_adapter.values()]
+        results = {}
         for indices, overrides in segments:
             prompt = PromptFeatures.stack([requests[i].adapter.prompt for i in indices])  # (b, T, D)
-            if not overrides:
-                outputs = self.base.fuse_and_predict(_select(visual, indices), prompt)
+            if not overrides:  # prompt tuning and LoRA: one pass, each LoRA sample with its own low-rank term
+                with grouped_lora(self.base, [requests[i].adapter.lora for i in indices]):
+                    outputs = self.base.fuse_and_predict(_select(visual, indices), prompt)
             elif any(k.startswith(_VISUAL_PREFIXES) for k in overrides):
                 outputs = torch.func.functional_call(
                     self.base, overrides, (prompt,),
@@ -387,7 +441,9 @@ class MultiTenantEngine:
                                                      {"visual": _select(visual, indices)})
             maps = [_pad_map(requests[i].adapter.adapter.positive_map, prompt.length) for i in indices]
             for i, final in zip(indices, self.postprocessor(outputs, maps)):
-                requests[i].future.set_result(_result(requests[i], final))
+                results[i] = _result(requests[i], final)
+        for i, result in results.items():
+            _resolve(requests[i], result)
 
 
 def _select(visual: VisualFeatures, indices: list[int]) -> VisualFeatures:
@@ -420,9 +476,13 @@ def _result(request: _Request, final: Candidates) -> DetectResult:
                         width=width, height=height, detections=detections)
 
 
-def _fail(request: _Request, error: Exception) -> None:
+def _resolve(request: _Request, outcome: DetectResult | Exception) -> None:
+    """Answer a request once (a result or an exception); later answers are ignored."""
     if not request.future.done():
         try:
-            request.future.set_exception(error)
+            if isinstance(outcome, Exception):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
         except Exception:  # InvalidStateError: resolved concurrently
             pass

@@ -2,8 +2,10 @@
 
 The directory is the registry: `<dir>/<name>.safetensors` is task `name` (the format of `adapt.adapter`).
 Registering costs a directory entry; an adapter is read, verified against the base (format version,
-fingerprint, tensor names and shapes) and attached (LoRA folded into override tensors) on first use,
-and kept while it fits `max_bytes`. A file changed on disk (an upload, possibly by another server
+fingerprint and every check of `adapt.adapter.load_adapter`) and attached on first use (LoRA factors kept
+at rank r, never folded into dense weights), and kept while it fits `max_bytes`; a refused file is
+remembered until it changes. An adapter version that fails at run time twice is quarantined until a new
+version replaces it. A file changed on disk (an upload, possibly by another server
 process) is noticed by its stat and reloaded on the next request; an evicted one reloads transparently.
 Uploads are verified in a temporary file beside the target and moved over it atomically, so a bad
 upload never replaces a working adapter. Modelled on lorax's adapter cache (LRU of loaded adapters).
@@ -28,8 +30,9 @@ from adapt.adapter import Adapter, AdapterError, base_fingerprint, load_adapter,
 from backbone.outputs import PromptFeatures
 
 SUFFIX = ".safetensors"
-# Lower-case letters, digits, '.', '_', '-'; starts and ends with a letter or digit; no '..' (so no path parts).
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+# Lower-case letters, digits, '.', '_', '-', starting with a letter or digit; matched with re.fullmatch, so
+# nothing may follow (a `$` anchor would admit a trailing newline). No '/' and no leading '.', so no path parts.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _SAFETENSORS_MAX_HEADER = 100 * 2**20
 
 
@@ -43,10 +46,10 @@ class UnknownAdapter(KeyError):
 
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe adapter name, else raise InvalidAdapterName naming the rule."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidAdapterName(
-            f"invalid adapter name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', starting and "
-            "ending with a letter or digit, with no '..' (e.g. 'icons-aquarium')")
+            f"invalid adapter name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (e.g. 'icons-aquarium')")
     return name
 
 
@@ -56,7 +59,7 @@ def list_adapters(directory: str | Path) -> list[str]:
     with os.scandir(directory) as entries:
         for entry in entries:
             stem = entry.name[: -len(SUFFIX)] if entry.name.endswith(SUFFIX) else None
-            if stem and _NAME.match(stem) and ".." not in stem and entry.is_file():
+            if stem and _NAME.fullmatch(stem) and entry.is_file():
                 found.append(stem)
     return sorted(found)
 
@@ -68,6 +71,24 @@ def adapter_exists(directory: str | Path, name: str) -> bool:
         return False
 
 
+class AdapterQuarantined(AdapterError):
+    """An adapter version that failed at run time twice; it is refused until a new version replaces it."""
+
+
+# LoRA factors run unmerged through hooks that assume batch-first inputs: true of every linear layer of the
+# fusion, DyHead and head (tokens (B, N, D), pooled (B, C)), not of Swin's window attention (B * windows, ...).
+LORA_SERVED_PREFIXES = ("dyhead.", "head.")
+
+
+@dataclass
+class LoRAFactors:
+    """One LoRA tenant's low-rank factors, kept at rank r: y = W x + scale * B (A x) per target module."""
+
+    down: dict[str, Tensor]  # module -> A (r, in)
+    up: dict[str, Tensor]  # module -> B (out, r)
+    scale: float  # alpha / r
+
+
 @dataclass
 class LoadedAdapter:
     """An adapter verified against the base and ready to run.
@@ -76,7 +97,8 @@ class LoadedAdapter:
         name: the task name it serves under (its file name).
         version: first 16 hex digits of the file's sha256; changes with every new upload.
         adapter: the adapter as read from the file.
-        overrides: base-model tensors it replaces ({} for prompt tuning; LoRA already folded in).
+        overrides: base-model tensors it replaces (a linear probe's head tensors; {} otherwise).
+        lora: its LoRA factors, applied unmerged per sample (None unless a lora adapter).
         nbytes: bytes held by its tensors (what the LRU bound counts).
         stamp: (inode, size, mtime_ns) of the file it was read from.
         load_seconds: time to read, verify and attach it.
@@ -89,10 +111,16 @@ class LoadedAdapter:
     nbytes: int
     stamp: tuple[int, int, int]
     load_seconds: float
+    lora: LoRAFactors | None = None
 
     @property
     def shares_base(self) -> bool:
+        """Whether its requests run in the batch's shared pass (prompt tuning, and LoRA through its hooks)."""
         return not self.overrides
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.version
 
     @property
     def prompt(self) -> PromptFeatures:
@@ -150,20 +178,26 @@ class AdapterPool:
         directory: where `<name>.safetensors` files live (created if missing; uploads go here).
         max_bytes: bound on the loaded adapters' tensor bytes; least recently used ones are evicted.
         max_upload_bytes: largest adapter file `put` accepts.
+        device: where loaded adapters' tensors live (the model's device).
+        max_failures: run-time failures after which an adapter version is quarantined.
     """
 
     def __init__(self, base, directory: str | Path, *, max_bytes: int = 256 * 2**20,
-                 max_upload_bytes: int = 64 * 2**20):
+                 max_upload_bytes: int = 64 * 2**20, device: torch.device | str = "cpu", max_failures: int = 2):
         self.base = base
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.max_upload_bytes = max_upload_bytes
+        self.device = torch.device(device)
+        self.max_failures = max_failures
         self.fingerprint = base_fingerprint(base)
         self._base_view = _BaseView(base, self.fingerprint)
         self._cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
+        self._refused: dict[str, tuple[tuple, AdapterError]] = {}  # name -> (file stamp, why), until it changes
+        self._failures: dict[tuple[str, str], int] = {}  # (name, version) -> run-time failures
         self.hits = self.misses = self.evictions = self.loads = 0
 
     # ------------------------------------------------------------------------------------------ registry
@@ -184,7 +218,8 @@ class AdapterPool:
 
         Raises:
             UnknownAdapter: no such file. InvalidAdapterName: a name that is not allowed.
-            AdapterError: the file is not a usable adapter for this base (e.g. a full fine-tune).
+            AdapterError: the file is not a usable adapter for this base (e.g. a full fine-tune), or
+                AdapterQuarantined: this version failed at run time `max_failures` times.
         """
         path = self.path(name)
         try:
@@ -198,12 +233,22 @@ class AdapterPool:
             if entry is not None and entry.stamp == stamp:
                 self._cache.move_to_end(name)
                 self.hits += 1
-                return entry
+                return self._unless_quarantined(entry)
+            refused = self._refused.get(name)
+            if refused is not None and refused[0] == stamp:
+                raise AdapterError(str(refused[1]))  # the same bad file: refused again without parsing it again
             self.misses += 1
-        entry = self._load(name, path)
+        try:
+            entry = self._load(name, path)
+        except AdapterError as error:
+            with self._lock:
+                self._drop(name)
+                self._refused[name] = (stamp, error)
+            raise
         with self._lock:
+            self._refused.pop(name, None)
             self._insert(entry)
-        return entry
+        return self._unless_quarantined(entry)
 
     def cached(self, name: str) -> LoadedAdapter | None:
         with self._lock:
@@ -221,34 +266,47 @@ class AdapterPool:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"hits": self.hits, "misses": self.misses, "loads": self.loads, "evictions": self.evictions,
-                    "bytes": self._bytes, "entries": len(self._cache), "max_bytes": self.max_bytes}
+                    "bytes": self._bytes, "entries": len(self._cache), "max_bytes": self.max_bytes,
+                    "quarantined": sum(n >= self.max_failures for n in self._failures.values())}
 
     def _load(self, name: str, path: Path) -> LoadedAdapter:
         start = time.perf_counter()
         for _ in range(3):  # retry if the file is replaced while we read it
             before = _stamp(path)
             data = path.read_bytes()
-            adapter = load_adapter(path, base=self._base_view)
+            adapter = _verified(self._base_view, path, name)
             if _stamp(path) == before:
                 break
         else:
-            raise AdapterError(f"adapter file {path} keeps changing while it is read; retry")
+            raise AdapterError(f"adapter {name!r} keeps changing while it is read; retry")
         entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], before)
         entry.load_seconds = time.perf_counter() - start
         self.loads += 1
         return entry
 
     def _attach(self, name: str, adapter: Adapter, version: str, stamp) -> LoadedAdapter:
-        overrides = weight_overrides(adapter, self.base)  # raises AdapterError for a full fine-tune
-        for key in overrides:
-            if key.startswith("text."):
-                raise AdapterError(f"adapter {name!r} changes the language backbone ({key}); the server never runs "
-                                   "it (prompts come precomputed), so serve it as its own model")
-        adapter.prompt = _share_embedded(adapter.prompt)
-        tensors = [*adapter.prompt.state_dict().values(), adapter.positive_map, adapter.input_ids,
-                   *adapter.weights.values(), *adapter.lora.values(), *overrides.values()]
+        if adapter.strategy == "finetune":
+            weight_overrides(adapter, self.base)  # raises the "load it as its own model" AdapterError
+        lora = None
+        if adapter.strategy == "lora":
+            targets = adapter.lora_config["target_modules"]
+            outside = [t for t in targets if not t.startswith(LORA_SERVED_PREFIXES)]
+            if outside:
+                raise AdapterError(f"adapter {name!r} puts LoRA on {outside[0]!r}, outside the fusion, DyHead and "
+                                   "head that the server runs per sample; serve it merged as its own model "
+                                   "(`adapt adapters merge`)")
+            scale = float(adapter.lora_config["alpha"]) / float(adapter.lora_config["r"])
+            lora = LoRAFactors({t: adapter.lora[f"{t}.lora_A.weight"].to(self.device) for t in targets},
+                               {t: adapter.lora[f"{t}.lora_B.weight"].to(self.device) for t in targets}, scale)
+            adapter.lora = {}  # the factors above are what runs; no dense copy of any weight is made
+        overrides = {k: v.to(self.device) for k, v in adapter.weights.items()}
+        adapter.prompt = _share_embedded(adapter.prompt).to(self.device)
+        adapter.positive_map = adapter.positive_map.to(self.device)
+        tensors = [*adapter.prompt.state_dict().values(), adapter.positive_map, adapter.input_ids, *overrides.values(),
+                   *(lora.down.values() if lora else ()), *(lora.up.values() if lora else ())]
+        adapter.weights = overrides
         return LoadedAdapter(name=name, version=version, adapter=adapter, overrides=overrides,
-                             nbytes=_unique_nbytes(tensors), stamp=stamp, load_seconds=0.0)
+                             nbytes=_unique_nbytes(tensors), stamp=stamp, load_seconds=0.0, lora=lora)
 
     def _insert(self, entry: LoadedAdapter) -> None:
         self._drop(entry.name)
@@ -264,10 +322,46 @@ class AdapterPool:
         if old is not None:
             self._bytes -= old.nbytes
 
+    # ---------------------------------------------------------------------------------------- quarantine
+
+    def record_failure(self, entry: LoadedAdapter) -> bool:
+        """Count a run-time failure of this adapter version; True once it is quarantined."""
+        with self._lock:
+            count = self._failures[entry.key] = self._failures.get(entry.key, 0) + 1
+        return count >= self.max_failures
+
+    def quarantined(self, entry: LoadedAdapter) -> bool:
+        return self._failures.get(entry.key, 0) >= self.max_failures
+
+    def _unless_quarantined(self, entry: LoadedAdapter) -> LoadedAdapter:
+        if self.quarantined(entry):
+            raise AdapterQuarantined(f"adapter {entry.name!r} (version {entry.version}) failed {self.max_failures} "
+                                     "times at run time and is quarantined; an admin must upload a new version")
+        return entry
+
+    # ------------------------------------------------------------------------------------------- listing
+
+    def status(self, name: str) -> dict:
+        """What an admin sees of one adapter: version, strategy, bytes and whether it serves (loads it)."""
+        info = {"name": name, "adapter_version": None, "strategy": None, "status": "ok", "message": None}
+        try:
+            entry = self.get(name)
+            info.update(adapter_version=entry.version, strategy=entry.strategy, categories=entry.adapter.category_names)
+        except AdapterQuarantined as error:
+            entry = self.cached(name)
+            info.update(adapter_version=entry and entry.version, strategy=entry and entry.strategy,
+                        status="quarantined", message=str(error))
+        except (AdapterError, UnknownAdapter) as error:
+            info.update(status="refused", message=str(error))
+        return info
+
     # ------------------------------------------------------------------------------------------- uploads
 
     def put(self, name: str, data: bytes) -> LoadedAdapter:
         """Verify `data` as an adapter for this base, then atomically make it task `name`'s adapter.
+
+        Any failure of the verification (whatever raises it) is an AdapterError and leaves the served file as it
+        was, byte for byte.
 
         Raises:
             InvalidAdapterName, AdapterError (not safetensors, too large, wrong base, full fine-tune, ...).
@@ -277,14 +371,20 @@ class AdapterPool:
             raise AdapterError(f"adapter upload is {len(data):,} bytes, over the limit of {self.max_upload_bytes:,}; "
                                "raise max_upload_bytes if this adapter is meant to be served")
         _check_safetensors_header(data)
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=f".{name}.", suffix=".upload") as staged:
-            staged.write(data)  # verified from a private copy; only a verified upload replaces the served file
-            staged.flush()
-            adapter = load_adapter(staged.name, base=self._base_view)
-        entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], (0, 0, 0))
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=f".{name}.", suffix=".upload") as staged:
+                staged.write(data)  # verified from a private copy; only a verified upload replaces the served file
+                staged.flush()
+                adapter = _verified(self._base_view, staged.name, name)
+            entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], (0, 0, 0))
+        except AdapterError:
+            raise
+        except Exception as error:  # a refusal, never a 500 that half-applies
+            raise AdapterError(f"adapter {name!r} cannot be used ({type(error).__name__}); re-export it") from None
         with self._lock:
             atomic_write(path, data)  # readers see the old file or the new one
             entry.stamp = _stamp(path)
+            self._refused.pop(name, None)
             self._insert(entry)
         return entry
 
@@ -292,11 +392,17 @@ class AdapterPool:
         path = self.path(name)
         with self._lock:
             self._drop(name)
+            self._refused.pop(name, None)
             try:
                 path.unlink()
             except FileNotFoundError:
                 return False
         return True
+
+
+def _verified(base_view, path, name: str) -> Adapter:
+    """load_adapter with the task name, never a server path, in its messages."""
+    return load_adapter(path, base=base_view, source=f"adapter {name!r}")
 
 
 def _check_safetensors_header(data: bytes) -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 from ray import serve
 
 from adapt.adapter import AdapterError
-from adapt.serve.app import HTTPLimits, adapter_upload, create_app, task_infos
-from adapt.serve.engine import (DeadlineExceeded, DetectParams, DetectResult, EngineConfig, EngineStopped,
-                                ImageTooLarge, InvalidImage, MultiTenantEngine, QueueFull)
+from adapt.serve.app import HTTPLimits, adapter_list, adapter_upload, create_app, task_infos
+from adapt.serve.engine import (AdapterFailed, DeadlineExceeded, DetectParams, DetectResult, EngineConfig,
+                                EngineStopped, ImageTooLarge, InvalidImage, MultiTenantEngine, QueueFull)
 from adapt.serve.metrics import Metrics
-from adapt.serve.pool import InvalidAdapterName, UnknownAdapter, adapter_exists, list_adapters
+from adapt.serve.pool import AdapterQuarantined, InvalidAdapterName, UnknownAdapter, adapter_exists, list_adapters
 from adapt.serve.tenancy import Tenancy
 
 APP_NAME = "glip-adapt"
@@ -32,7 +32,8 @@ APP_NAME = "glip-adapt"
 MAX_ADAPTERS_PER_REPLICA = 256
 
 _ERRORS = {cls.__name__: cls for cls in (InvalidImage, ImageTooLarge, QueueFull, DeadlineExceeded, UnknownAdapter,
-                                         InvalidAdapterName, AdapterError, EngineStopped)}
+                                         InvalidAdapterName, AdapterError, EngineStopped, AdapterFailed,
+                                         AdapterQuarantined)}
 
 
 def _encode_error(error: Exception) -> dict:
@@ -99,6 +100,9 @@ class AdapterModel:
     def task_infos(self, names: list[str]) -> list[dict]:
         return task_infos(self.engine.pool, names)
 
+    def adapter_list(self) -> list[dict]:
+        return adapter_list(self.engine.pool)
+
     def metrics_text(self) -> str:
         return self.engine.metrics.render()
 
@@ -159,6 +163,9 @@ class RayBackend:
             raise _decode_error(reply["error"])
         return reply["ok"]
 
+    async def adapter_list(self) -> list[dict]:
+        return await self.handle.adapter_list.remote()
+
     async def metrics_text(self) -> str:
         return self.metrics.render() + await self.handle.metrics_text.remote()
 
@@ -192,9 +199,18 @@ def build_app(*, base: str, adapters_dir: str | Path, engine_config: EngineConfi
         num_replicas: model replicas.
         model_cpus: CPUs Ray reserves per model replica.
         threads: torch threads per model replica.
+
+    On CUDA (engine_config.device cuda/cuda:N, or None on a machine with CUDA) each replica reserves one GPU,
+    so Ray places one replica per GPU; the replica then runs on the GPU Ray gave it.
     """
+    from backbone.device import resolve_device
+
+    actor_options = {"num_cpus": model_cpus}
+    if resolve_device(engine_config.device).type == "cuda":
+        actor_options["num_gpus"] = 1
+        engine_config = dataclasses.replace(engine_config, device="cuda")  # Ray's CUDA_VISIBLE_DEVICES picks it
     model = AdapterModel.options(
-        num_replicas=num_replicas, ray_actor_options={"num_cpus": model_cpus},
+        num_replicas=num_replicas, ray_actor_options=actor_options,
         max_ongoing_requests=engine_config.max_queue + engine_config.max_batch,
     ).bind(base, str(adapters_dir), dataclasses.asdict(engine_config), threads)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(

@@ -9,7 +9,8 @@ class DetectJSON(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     image: str = Field(description="the encoded image (PNG, JPEG, ...) in base64; a data: URL prefix is allowed")
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="keep detections scoring above this")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False,
+                             description="keep detections scoring above this (a finite number in [0, 1])")
     top_k: int = Field(100, ge=1, le=1000, description="keep at most this many detections (highest scores)")
 
 
@@ -17,7 +18,7 @@ class DetectForm(BaseModel):
     """multipart/form-data form of a detect request."""
 
     image: bytes = Field(json_schema_extra={"format": "binary"}, description="the image file")
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(100, ge=1, le=1000)
 
 
@@ -62,6 +63,19 @@ class AdapterInfo(BaseModel):
     categories: list[str]
     bytes: int
     replaced: bool = Field(description="whether an earlier version of this adapter was replaced")
+
+
+class AdapterStatus(BaseModel):
+    name: str
+    adapter_version: str | None = Field(None, description="first 16 hex digits of the file's sha256")
+    strategy: str | None = None
+    categories: list[str] | None = None
+    status: str = Field(description="ok, refused (fails validation) or quarantined (failed twice at run time)")
+    message: str | None = Field(None, description="why it is refused or quarantined")
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterStatus]
 
 
 class Deleted(BaseModel):

@@ -64,14 +64,28 @@ def run_http(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig
                                                processor=processor_for(base_config_of(base), image_size))
     if tenancy.open:
         log.warning("no API keys configured: every caller may use every task and nobody may upload adapters")
+    scan_folder(engine.pool)
     limits = HTTPLimits(max_body_bytes=max_body_bytes, max_upload_bytes=engine_config.max_upload_bytes)
     uvicorn.run(serve_engine(engine, tenancy, limits), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=5)
 
 
+def scan_folder(pool) -> list[dict]:
+    """Validate every adapter of the folder at start-up and log the refused ones (they would fail only their own
+    task anyway: each is validated again when its file changes)."""
+    from adapt.serve.app import adapter_list
+
+    infos = adapter_list(pool)
+    for info in infos:
+        if info["status"] != "ok":
+            log.warning("adapter %r is %s: %s", info["name"], info["status"], info["message"])
+    log.info("%d adapters in %s, %d refused", len(infos), pool.directory, sum(i["status"] != "ok" for i in infos))
+    return infos
+
+
 def run_ray(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig = EngineConfig(),
             keys: dict | None = None, host: str = "127.0.0.1", port: int = 8000,
-            max_body_bytes: int = 16 * 2**20, replicas: int = 1, num_cpus: int | None = None,
+            max_body_bytes: int = 16 * 2**20, replicas: int | None = None, num_cpus: int | None = None,
             threads: int | None = None) -> None:
     """Start a local Ray instance, deploy the Serve application and block until interrupted."""
     from ray import serve
@@ -79,6 +93,12 @@ def run_ray(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig 
     from adapt.serve.app import HTTPLimits
     from adapt.serve.ray_app import build_app, run
 
+    from backbone.device import resolve_device
+
+    if replicas is None:  # one replica per GPU on CUDA (each reserves one), else one
+        import torch
+
+        replicas = torch.cuda.device_count() if resolve_device(engine_config.device).type == "cuda" else 1
     app = build_app(base=base, adapters_dir=str(Path(adapters_dir).resolve()), engine_config=engine_config,
                     tenancy=keys, limits=HTTPLimits(max_body_bytes=max_body_bytes, max_upload_bytes=engine_config.max_upload_bytes),
                     num_replicas=replicas, threads=threads)

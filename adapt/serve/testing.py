@@ -79,3 +79,101 @@ def bomb_bytes(side: int = 20000) -> bytes:
     buffer = io.BytesIO()
     Image.new("1", (side, side)).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+# Adapters that are broken in each way a crafted or damaged upload can be (issue #11); every one must be refused
+# by validation, at upload, in the folder and in the CLI.
+FAULTY_KINDS = ("p0_batch_2", "token_ids_float", "category_tokens_float", "tokens_outside_prompt", "unnamed_category",
+                "nan_p0", "inf_p0", "wrong_width", "lora_nan", "lora_wrong_rank", "extra_tensor", "bad_json")
+
+
+def faulty_adapter_bytes(base: GLIP, processor: GLIPProcessor, kind: str) -> bytes:
+    """A safetensors adapter file for `base` broken as `kind` says (one of FAULTY_KINDS)."""
+    import json
+
+    from safetensors.torch import save
+
+    strategy = "lora" if kind.startswith("lora") else "prompt-tune"
+    adapter = make_adapter(base, processor, f"bad-{kind}", ["cat", "dog"], strategy=strategy, seed=3)
+    tensors, meta = adapter.tensors(), adapter.metadata()
+    hidden = tensors["prompt.hidden"]
+    tokens = json.loads(meta["category_tokens"])
+    if kind == "p0_batch_2":
+        tensors["prompt.hidden"] = hidden.repeat(2, 1, 1)
+    elif kind == "token_ids_float":
+        tensors["prompt.input_ids"] = tensors["prompt.input_ids"].double() + 0.5
+    elif kind == "category_tokens_float":
+        meta["category_tokens"] = json.dumps([[t + 0.5 for t in row] for row in tokens])
+    elif kind == "tokens_outside_prompt":
+        meta["category_tokens"] = json.dumps([[t + 1000 for t in row] for row in tokens])
+    elif kind == "unnamed_category":
+        meta["categories"] = json.dumps([{"name": "cat"}, {"prefix": "", "suffix": ""}])
+    elif kind in ("nan_p0", "inf_p0"):
+        hidden[0, 0, 0] = float("nan") if kind == "nan_p0" else float("inf")
+    elif kind == "wrong_width":
+        tensors["prompt.hidden"] = hidden[..., :-1].contiguous()
+    elif kind == "lora_nan":
+        key = next(k for k in tensors if k.endswith("lora_B.weight"))
+        tensors[key][0, 0] = float("nan")
+    elif kind == "lora_wrong_rank":
+        key = next(k for k in tensors if k.endswith("lora_A.weight"))
+        tensors[key] = torch.cat([tensors[key], tensors[key][:1]])
+    elif kind == "extra_tensor":
+        tensors["payload"] = torch.zeros(4)
+    elif kind == "bad_json":
+        meta["lora_config"] = "{not json"
+    else:
+        raise ValueError(f"unknown faulty adapter kind {kind!r}; one of {', '.join(FAULTY_KINDS)}")
+    return save(tensors, metadata=meta)
+
+
+def chromium_path() -> str | None:
+    """A Chromium binary for the browser test and the docs screenshot ($CHROMIUM, else Debian's `chromium`)."""
+    import os
+    import shutil
+
+    return next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                             shutil.which("google-chrome")) if p), None)
+
+
+def serve_in_thread(app, timeout_s: float = 30.0):
+    """Run `app` under uvicorn on a free 127.0.0.1 port in a daemon thread; a context manager yielding its URL."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    @contextlib.contextmanager
+    def running():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"uvicorn did not start within {timeout_s:g} s")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(15)
+
+    return running()
+
+
+def drop_image(page, data: bytes, name: str = "photo.png") -> None:
+    """Drop an image file on the web page's drop zone (a Playwright page), as a user's drag and drop does."""
+    import base64
+
+    page.evaluate("""([data, name]) => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: 'image/png'}));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
+    }""", [base64.b64encode(data).decode(), name])
