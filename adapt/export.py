@@ -35,10 +35,10 @@ from adapt.adapter import STRATEGIES, Adapter, AdapterError, apply_adapter, chec
     read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
 from backbone.model import GLIP
-from backbone.outputs import VisualFeatures
+from backbone.outputs import PromptFeatures, VisualFeatures
 from backbone.postprocess import phrase_probabilities
 
-EXPORT_DTYPES = ("float32", "float16")
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MIN_OPSET = 16  # GridSample (the deformable conv's sampling) entered the standard opset in 16
 MAX_OPSET = 20  # the highest opset torch.onnx's TorchScript exporter writes
 DEFAULT_OPSET = 17
@@ -51,31 +51,31 @@ class ExportError(ValueError):
 class TaskGraph(nn.Module):
     """The exported function: a GLIP with one task folded in, from padded pixels to pre-NMS scored boxes."""
 
-    def __init__(self, model: GLIP, adapter: Adapter):
+    def __init__(self, model: GLIP, adapter: Adapter, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.model = model.eval()
+        self.model = model.eval().to(dtype)
         prompt = adapter.prompt
-        self.register_buffer("hidden", prompt.hidden.float(), persistent=False)
-        self.register_buffer("embedded", prompt.embedded.float(), persistent=False)
+        self.register_buffer("hidden", prompt.hidden.to(dtype), persistent=False)
+        self.register_buffer("embedded", prompt.embedded.to(dtype), persistent=False)
         self.register_buffer("mask", prompt.mask.long(), persistent=False)
         self.register_buffer("positive_map", adapter.positive_map.bool(), persistent=False)
         self.box_coder = BoxCoder(model.config.head.box_coder_weights)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from backbone.outputs import PromptFeatures
-
         model = self.model
-        visual = VisualFeatures(levels=model.fpn(model.swin(pixel_values)),
-                                image_sizes=[tuple(pixel_values.shape[-2:])] * pixel_values.shape[0])
+        pixels = pixel_values.to(self.hidden.dtype)  # float32 in and out; the weights may be float16
+        visual = VisualFeatures(levels=model.fpn(model.swin(pixels)),
+                                image_sizes=[tuple(pixels.shape[-2:])] * pixels.shape[0])
         outputs = model.fuse_and_predict(visual, PromptFeatures(self.hidden, self.embedded, self.mask))
         # Anchors from the traced level shapes (not the model's per-shape cache), so --dynamic graphs stay dynamic.
         shapes = [tuple(level.shape[-2:]) for level in outputs.fused_visual]
         anchors = grid_anchors(shapes, model.strides, model.anchor_base_size, pixel_values.device)
-        boxes = self.box_coder.decode(outputs.box_deltas, anchors[None])
-        scores = phrase_probabilities(outputs.alignment_logits, self.positive_map)
+        # Decoding (exp) and the sigmoids run in float32 whatever the weights' width.
+        boxes = self.box_coder.decode(outputs.box_deltas.float(), anchors[None])
+        scores = phrase_probabilities(outputs.alignment_logits.float(), self.positive_map)
         levels = torch.cat([torch.zeros_like(level[0, 0].flatten(), dtype=torch.int64) + index
                             for index, level in enumerate(outputs.fused_visual)])
-        return boxes, scores, outputs.centerness.sigmoid(), levels
+        return boxes, scores, outputs.centerness.float().sigmoid(), levels
 
 
 @dataclass
@@ -151,7 +151,7 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
         raise ExportError(f"--size {height}x{width}: the graph input must be padded to multiples of 32, e.g. "
                           f"{-(-height // 32) * 32}x{-(-width // 32) * 32}")
     _check_deform_impl(model)
-    graph = TaskGraph(model, adapter).eval()
+    graph = TaskGraph(model, adapter, EXPORT_DTYPES[dtype]).eval()
     example = torch.zeros(1, 3, height, width)
     axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "boxes": {0: "batch", 1: "anchors"},
             "scores": {0: "batch", 1: "anchors"}, "centerness": {0: "batch", 1: "anchors"},
@@ -163,11 +163,6 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
                           dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
     proto = onnx.load_from_string(buffer.getvalue())
     del buffer
-    if dtype == "float16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        # Inputs and outputs stay float32 so the runtime wrapper is the same for both widths.
-        proto = convert_float_to_float16(proto, keep_io_types=True)
     info = task_metadata(model, adapter, dtype=dtype, opset=opset, dynamic=dynamic, size=(height, width))
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(info)})
     onnx.checker.check_model(proto)

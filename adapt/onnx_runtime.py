@@ -52,14 +52,15 @@ class OnnxTask:
         if not path.is_file():
             raise OnnxTaskError(f"ONNX file {path} does not exist; write one with `adapt export --adapter FILE --out {path}`")
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: float16 graphs log a warning per node folded on the CPU
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers())
         except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
-            raise OnnxTaskError(f"onnxruntime cannot load {path} ({type(error).__name__}: {error}); "
-                                "re-export it with `adapt export`") from None
+            reason = " ".join(str(error).split())  # one line: onnxruntime's messages span several
+            raise OnnxTaskError(f"onnxruntime cannot load {path} ({reason}); re-export it with `adapt export`") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:
             raise OnnxTaskError(f"{path} is an ONNX model but not a task exported by `adapt export` (no "
