@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from adapt import __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
-from adapt.adapter import STRATEGIES, Adapter, AdapterError, apply_adapter, check_base, load_adapter, read_merged, \
-    read_metadata
+from adapt.adapter import STRATEGIES, Adapter, AdapterError, apply_adapter, base_fingerprint, check_base, \
+    load_adapter, read_merged, read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
 from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
@@ -88,6 +88,21 @@ class ExportResult:
     opset: int
     dtype: str
     seconds: float
+
+
+def zero_shot_adapter(model: GLIP, prompt, base_model: str, task: str = "zero-shot") -> Adapter:
+    """A prompt adapter holding the base's own P0 for `prompt` (category names, or a (caption, spans) pair as
+    GLIPProcessor.tokenize takes them; nothing trained): exports the zero-shot task, and stands in for a tuned
+    prompt adapter of the same shape in tests and benchmarks."""
+    from backbone.processor import GLIPProcessor
+
+    [prompt] = GLIPProcessor.from_config(model.config).tokenize(prompt)
+    with torch.no_grad():
+        p0 = model.encode_prompt(prompt.input_ids, prompt.attention_mask)
+    return Adapter(strategy="prompt-tune", task=task,
+                   categories=[{"name": n, "prefix": "", "suffix": ""} for n in prompt.categories],
+                   prompt=p0, positive_map=prompt.positive_map, input_ids=prompt.input_ids, caption=prompt.caption,
+                   base_model=base_model, base_fingerprint=base_fingerprint(model))
 
 
 def load_task(adapter_path: str | Path, base: str | None = None) -> tuple[GLIP, Adapter]:
@@ -194,4 +209,4 @@ def task_metadata(model: GLIP, adapter: Adapter, *, dtype: str, opset: int, dyna
     }
 
 
-__all__ = ["ExportError", "ExportResult", "TaskGraph", "export_task", "load_task", "AdapterError"]
+__all__ = ["ExportError", "ExportResult", "TaskGraph", "export_task", "load_task", "zero_shot_adapter"]

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from adapt.adapter import Adapter, base_fingerprint, save_adapter
+from adapt.adapter import Adapter, save_adapter
 from adapt.cli import app
-from adapt.export import ExportError, check_options, export_task
+from adapt.export import ExportError, check_options, export_task, zero_shot_adapter
 from adapt.onnx_runtime import OnnxDetector, OnnxTask, OnnxTaskError, Result, postprocess
 from adapt.predict import AdapterDetector
 from adapt.strategies import LINEAR_PROBE_PARAMETERS
@@ -37,34 +37,28 @@ SCORE_TOLERANCE = 1e-4  # the reference rule's |Δscore|; measured differences a
 
 
 def make_adapter(glip: GLIP, names: list[str], base_model: str, strategy: str = "prompt-tune", seed: int = 0) -> Adapter:
-    """An adapter on `glip` without training: P0 from its BERT, and perturbed tensors for the weight strategies."""
-    processor = GLIPProcessor.from_config(glip.config)
-    [prompt] = processor.tokenize(names)
-    with torch.no_grad():
-        p0 = glip.encode_prompt(prompt.input_ids, prompt.attention_mask)
+    """An adapter on `glip` without training: the base's P0, and perturbed tensors for the weight strategies."""
+    adapter = zero_shot_adapter(glip, names, base_model, task="demo")
     generator = torch.Generator().manual_seed(seed)
     state = glip.state_dict()
-    weights, lora, lora_config = {}, {}, None
 
     def nudged(t):
         return t + 0.05 * t.abs().mean() * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
 
     if strategy == "linear-probe":
-        weights = {k: nudged(state[k]) for k in LINEAR_PROBE_PARAMETERS}
+        adapter.weights = {k: nudged(state[k]) for k in LINEAR_PROBE_PARAMETERS}
     elif strategy == "finetune":
-        weights = {k: nudged(v) for k, v in state.items()}
+        adapter.weights = {k: nudged(v) for k, v in state.items()}
     elif strategy == "lora":
         targets = [n for n, m in glip.named_modules() if isinstance(m, torch.nn.Linear)
                    and (n.endswith("fusion.attn.v_proj") or n == "head.dot_product_projection_text")]
-        lora_config = {"r": 2, "alpha": 4.0, "target_modules": targets, "dropout": 0.0}
+        adapter.lora_config = {"r": 2, "alpha": 4.0, "target_modules": targets, "dropout": 0.0}
         for name in targets:
             weight = state[f"{name}.weight"]
-            lora[f"{name}.lora_A.weight"] = 0.1 * torch.randn(2, weight.shape[1], generator=generator)
-            lora[f"{name}.lora_B.weight"] = 0.1 * torch.randn(weight.shape[0], 2, generator=generator)
-    return Adapter(strategy=strategy, task="demo", categories=[{"name": n, "prefix": "", "suffix": ""} for n in names],
-                   prompt=p0, positive_map=prompt.positive_map, input_ids=prompt.input_ids, caption=prompt.caption,
-                   base_model=base_model, base_fingerprint=base_fingerprint(glip), weights=weights, lora=lora,
-                   lora_config=lora_config)
+            adapter.lora[f"{name}.lora_A.weight"] = 0.1 * torch.randn(2, weight.shape[1], generator=generator)
+            adapter.lora[f"{name}.lora_B.weight"] = 0.1 * torch.randn(weight.shape[0], 2, generator=generator)
+    adapter.strategy = strategy
+    return adapter
 
 
 def assert_same_detections(ours, theirs, fragile=frozenset(), max_extra=0):
@@ -272,8 +266,9 @@ def glip_t(tmp_path_factory):
     (root / "official.safetensors").unlink()
     glip = GLIP.from_pretrained(str(root / "glip_t.safetensors"))
     prompt = json.loads((REFERENCE / "glip_t" / "prompt.json").read_text())
-    names = [prompt["caption"][a:b] for a, b in prompt["phrase_char_spans"]]
-    save_adapter(make_adapter(glip, names, str(root / "glip_t.safetensors")), root / "pt.safetensors")
+    # the reference's exact caption and spans ("person. bicycle. car. toothbrush.", trailing "." included)
+    reference_prompt = (prompt["caption"], [tuple(span) for span in prompt["phrase_char_spans"]])
+    save_adapter(zero_shot_adapter(glip, reference_prompt, str(root / "glip_t.safetensors")), root / "pt.safetensors")
     export_task(root / "pt.safetensors", root / "pt.onnx", dynamic=True)
     return root
 
