@@ -97,8 +97,10 @@ def zero_shot_adapter(model: GLIP, prompt, base_model: str, task: str = "zero-sh
     from backbone.processor import GLIPProcessor
 
     [prompt] = GLIPProcessor.from_config(model.config).tokenize(prompt)
+    training = model.training
     with torch.no_grad():
-        p0 = model.encode_prompt(prompt.input_ids, prompt.attention_mask)
+        p0 = model.eval().encode_prompt(prompt.input_ids, prompt.attention_mask)  # no BERT dropout
+    model.train(training)
     return Adapter(strategy="prompt-tune", task=task,
                    categories=[{"name": n, "prefix": "", "suffix": ""} for n in prompt.categories],
                    prompt=p0, positive_map=prompt.positive_map, input_ids=prompt.input_ids, caption=prompt.caption,
