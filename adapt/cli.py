@@ -262,7 +262,9 @@ def evaluate_command(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    adapter: Annotated[Path, typer.Option(help="adapter file")],
+    adapter: Annotated[Optional[Path], typer.Option(help="adapter file")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="a task exported by `adapt export` (run by "
+                                                 "onnxruntime instead of PyTorch; no --adapter needed)")] = None,
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
     threshold: Annotated[float, typer.Option(help="score threshold")] = 0.3,
     save_vis: Annotated[Optional[Path], typer.Option(help="write PNGs with boxes into this folder")] = None,
@@ -270,14 +272,24 @@ def predict(
     device: DeviceOption = None,
     dtype: DtypeOption = "float32",
 ) -> None:
-    """Detect a task's categories with its adapter (the language backbone is not run)."""
+    """Detect a task's categories with its adapter or its exported ONNX graph (the language backbone is not run)."""
     import json
 
     from adapt.adapter import AdapterError
-    from adapt.predict import AdapterDetector
 
+    if (adapter is None) == (onnx is None):
+        fail("pass --adapter FILE (PyTorch) or --onnx FILE (onnxruntime), not both and not neither")
     try:
-        detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
+        if onnx is not None:
+            if base is not None:
+                fail("--base does not apply to --onnx: the exported graph already holds its base")
+            from adapt.onnx_runtime import OnnxDetector
+
+            detector = OnnxDetector(onnx)
+        else:
+            from adapt.predict import AdapterDetector
+
+            detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
         loaded = [detector.processor.load_image(p) for p in images]
     except (ValueError, FileNotFoundError, AdapterError) as error:
         fail(str(error))
@@ -296,6 +308,38 @@ def predict(
                              score_threshold=threshold).save(save_vis / f"{path.stem}.png")
     if json_out:
         json_out.write_text(json.dumps(records, indent=1))
+
+
+@app.command("export")
+def export_command(
+    adapter: Annotated[Path, typer.Option(help="adapter file (any strategy), or a merged model from `adapters merge`")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write, e.g. task.onnx")],
+    base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 (weights; inputs and outputs stay "
+                                                      "float32)")] = "float32",
+    opset: Annotated[int, typer.Option(help="ONNX opset, 16-20 (GridSample needs 16)")] = 17,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="dynamic batch, height and width (default: one "
+                                                           "fixed input, see --size)")] = False,
+    size: Annotated[Optional[str], typer.Option(help="fixed padded input HxW, multiples of 32 (default: the "
+                                                     "model's largest landscape canvas, e.g. 800x1344)")] = None,
+) -> None:
+    """Export a task to ONNX: the base with the adapter folded in; images in, pre-NMS boxes and scores out."""
+    from adapt.adapter import AdapterError
+    from adapt.export import ExportError, export_task
+
+    fixed = None
+    if size is not None:
+        parts = size.lower().split("x")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            fail(f"--size takes HEIGHTxWIDTH, e.g. 800x1344; got {size!r}")
+        fixed = (int(parts[0]), int(parts[1]))
+    try:
+        result = export_task(adapter, out, base=base, dtype=dtype, opset=opset, dynamic=dynamic, size=fixed)
+    except (ExportError, AdapterError, FileNotFoundError) as error:
+        fail(str(error))
+    shape = "x".join(str(v) for v in result.input_shape)
+    typer.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): task {result.task!r} ({result.strategy}), "
+               f"input {shape}, opset {result.opset}, {result.dtype}, {result.seconds:.0f} s")
 
 
 adapters_app = typer.Typer(help="Inspect and merge adapter files.", no_args_is_help=True)

@@ -29,10 +29,11 @@ def deform_conv_im2col(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, 
     """
     batch, channels, height, width = x.shape
     out_h, out_w = offset.shape[-2:]
-    taps = torch.arange(3, dtype=x.dtype, device=x.device) - 1
+    # Integer ranges cast to x's dtype (ONNX Range has no float16; identical values in float32).
+    taps = torch.arange(3, device=x.device).to(x.dtype) - 1
     tap_y, tap_x = torch.meshgrid(taps, taps, indexing="ij")  # kernel positions, row-major like the weight
-    rows = (torch.arange(out_h, dtype=x.dtype, device=x.device) * stride)[None, :, None] + tap_y.reshape(9, 1, 1)
-    cols = (torch.arange(out_w, dtype=x.dtype, device=x.device) * stride)[None, None, :] + tap_x.reshape(9, 1, 1)
+    rows = (torch.arange(out_h, device=x.device).to(x.dtype) * stride)[None, :, None] + tap_y.reshape(9, 1, 1)
+    cols = (torch.arange(out_w, device=x.device).to(x.dtype) * stride)[None, None, :] + tap_x.reshape(9, 1, 1)
     offset = offset.view(batch, 9, 2, out_h, out_w)  # (dy, dx) per tap, as in the CUDA kernel
     sample_y = rows + offset[:, :, 0]  # (B, 9, out_h, out_w) pixel coordinates
     sample_x = cols + offset[:, :, 1]

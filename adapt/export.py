@@ -1,0 +1,214 @@
+"""Export one task to ONNX: the base with its adapter folded in, images in, scored boxes out.
+
+The graph is the adapted GLIP on a fixed prompt: P0 (the adapter's, prompt tuning included) is a constant,
+so the language backbone is not in the graph; linear-probe and LoRA weights are folded into the base
+(`adapt.adapter.apply_adapter`), a fine-tune's full weight set replaces it. GLIP-T's modulated deformable
+conv exports through its im2col path (`grid_sample` + matmul; ONNX GridSample, opset >= 16).
+
+Graph (B images, N anchors over all levels, C categories):
+    pixel_values (B, 3, H, W) float32, normalised and zero-padded (GLIPProcessor.preprocess), H, W % 32 == 0
+    -> boxes (B, N, 4) decoded xyxy in input pixels (not yet clipped: clipping needs each image's size)
+       scores (B, N, C) phrase probabilities (mean sigmoid over each category's tokens)
+       centerness (B, N) sigmoid of the centerness logits
+       levels (N,) int64 pyramid level of each anchor
+Thresholding, the per-level top-n, clipping, class-aware NMS ("+1" IoU), the max-detections cut and the
+rescale to original pixels run after the graph, in numpy (`adapt.onnx_runtime`). The task (categories,
+pre/post-processing settings, base fingerprint) travels in the model's metadata under "glip_adapt".
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from adapt import __version__
+from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
+from adapt.adapter import STRATEGIES, Adapter, AdapterError, apply_adapter, base_fingerprint, check_base, \
+    load_adapter, read_merged, read_metadata
+from backbone.anchors import BoxCoder, grid_anchors
+from backbone.model import GLIP
+from backbone.outputs import PromptFeatures, VisualFeatures
+from backbone.postprocess import phrase_probabilities
+
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+MIN_OPSET = 16  # GridSample (the deformable conv's sampling) entered the standard opset in 16
+MAX_OPSET = 20  # the highest opset torch.onnx's TorchScript exporter writes
+DEFAULT_OPSET = 17
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; the message says what to change."""
+
+
+class TaskGraph(nn.Module):
+    """The exported function: a GLIP with one task folded in, from padded pixels to pre-NMS scored boxes."""
+
+    def __init__(self, model: GLIP, adapter: Adapter, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model.eval().to(dtype)
+        prompt = adapter.prompt
+        self.register_buffer("hidden", prompt.hidden.to(dtype), persistent=False)
+        self.register_buffer("embedded", prompt.embedded.to(dtype), persistent=False)
+        self.register_buffer("mask", prompt.mask.long(), persistent=False)
+        self.register_buffer("positive_map", adapter.positive_map.bool(), persistent=False)
+        self.box_coder = BoxCoder(model.config.head.box_coder_weights)
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        model = self.model
+        pixels = pixel_values.to(self.hidden.dtype)  # float32 in and out; the weights may be float16
+        visual = VisualFeatures(levels=model.fpn(model.swin(pixels)),
+                                image_sizes=[tuple(pixels.shape[-2:])] * pixels.shape[0])
+        outputs = model.fuse_and_predict(visual, PromptFeatures(self.hidden, self.embedded, self.mask))
+        # Anchors from the traced level shapes (not the model's per-shape cache), so --dynamic graphs stay dynamic.
+        shapes = [tuple(level.shape[-2:]) for level in outputs.fused_visual]
+        anchors = grid_anchors(shapes, model.strides, model.anchor_base_size, pixel_values.device)
+        # Decoding (exp) and the sigmoids run in float32 whatever the weights' width.
+        boxes = self.box_coder.decode(outputs.box_deltas.float(), anchors[None])
+        scores = phrase_probabilities(outputs.alignment_logits.float(), self.positive_map)
+        levels = torch.cat([torch.zeros_like(level[0, 0].flatten(), dtype=torch.int64) + index
+                            for index, level in enumerate(outputs.fused_visual)])
+        return boxes, scores, outputs.centerness.float().sigmoid(), levels
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int
+    strategy: str
+    task: str
+    input_shape: tuple  # (B, 3, H, W) with "batch"/"height"/"width" for dynamic axes
+    opset: int
+    dtype: str
+    seconds: float
+
+
+def zero_shot_adapter(model: GLIP, prompt, base_model: str, task: str = "zero-shot") -> Adapter:
+    """A prompt adapter holding the base's own P0 for `prompt` (category names, or a (caption, spans) pair as
+    GLIPProcessor.tokenize takes them; nothing trained): exports the zero-shot task, and stands in for a tuned
+    prompt adapter of the same shape in tests and benchmarks."""
+    from backbone.processor import GLIPProcessor
+
+    [prompt] = GLIPProcessor.from_config(model.config).tokenize(prompt)
+    training = model.training
+    with torch.no_grad():
+        p0 = model.eval().encode_prompt(prompt.input_ids, prompt.attention_mask)  # no BERT dropout
+    model.train(training)
+    return Adapter(strategy="prompt-tune", task=task,
+                   categories=[{"name": n, "prefix": "", "suffix": ""} for n in prompt.categories],
+                   prompt=p0, positive_map=prompt.positive_map, input_ids=prompt.input_ids, caption=prompt.caption,
+                   base_model=base_model, base_fingerprint=base_fingerprint(model))
+
+
+def load_task(adapter_path: str | Path, base: str | None = None) -> tuple[GLIP, Adapter]:
+    """The base model with the adapter folded in (or a merged single-task model), refusing what cannot export."""
+    adapter_path = Path(adapter_path)
+    merged = read_merged(adapter_path)
+    if merged is not None:
+        return GLIP.from_pretrained(str(adapter_path)), merged
+    meta = read_metadata(adapter_path)
+    strategy = meta.get("strategy", "")
+    if strategy not in STRATEGIES:
+        raise ExportError(f"{adapter_path} is a {strategy!r} adapter; export supports {', '.join(STRATEGIES)} "
+                          "adapters: re-train the task with one of those strategies")
+    name = base or meta["base_model"]
+    model = GLIP.from_pretrained(name)
+    adapter = load_adapter(adapter_path)  # check_base below raises the message that names the base to use
+    check_base(adapter, model, adapter_path)
+    apply_adapter(model, adapter)
+    return model.eval(), adapter
+
+
+def check_options(out: str | Path, dtype: str, opset: int) -> Path:
+    """Refuse a bad dtype, opset or output path before the (slow) load and trace."""
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported for export; use float32 or float16")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset} is not supported: the deformable conv needs GridSample (opset "
+                          f">= {MIN_OPSET}) and the exporter writes up to {MAX_OPSET}; use --opset {DEFAULT_OPSET}")
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; give a file name such as {out / 'task.onnx'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ExportError(f"cannot write --out {out} ({error.strerror or error}); choose a writable path") from None
+    return out
+
+
+def default_size(model: GLIP) -> tuple[int, int]:
+    """The fixed input of a static graph: the largest landscape canvas of the model's resize rule, padded."""
+    image = model.config.image
+    divisor = max(image.size_divisibility, 1)
+    return tuple(-(-side // divisor) * divisor for side in (image.min_size, image.max_size))
+
+
+def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "float32",
+                opset: int = DEFAULT_OPSET, dynamic: bool = False, size: tuple[int, int] | None = None) -> ExportResult:
+    """Write `out`: the task of `adapter_path` as one ONNX graph (see the module docstring), checked by onnx.checker."""
+    import time
+
+    import onnx
+
+    started = time.perf_counter()
+    out = check_options(out, dtype, opset)
+    model, adapter = load_task(adapter_path, base)
+    height, width = size or default_size(model)
+    if height % 32 or width % 32:
+        raise ExportError(f"--size {height}x{width}: the graph input must be padded to multiples of 32, e.g. "
+                          f"{-(-height // 32) * 32}x{-(-width // 32) * 32}")
+    _check_deform_impl(model)
+    graph = TaskGraph(model, adapter, EXPORT_DTYPES[dtype]).eval()
+    example = torch.zeros(1, 3, height, width)
+    axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "boxes": {0: "batch", 1: "anchors"},
+            "scores": {0: "batch", 1: "anchors"}, "centerness": {0: "batch", 1: "anchors"},
+            "levels": {0: "anchors"}} if dynamic else None
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings: the fixed prompt's host syncs become constants
+        torch.onnx.export(graph, (example,), buffer, input_names=["pixel_values"], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    proto = onnx.load_from_string(buffer.getvalue())
+    del buffer
+    info = task_metadata(model, adapter, dtype=dtype, opset=opset, dynamic=dynamic, size=(height, width))
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(info)})
+    onnx.checker.check_model(proto)
+    from glip_io import atomic_write
+
+    atomic_write(out, proto.SerializeToString())
+    shape = (("batch", 3, "height", "width") if dynamic else (1, 3, height, width))
+    return ExportResult(path=out, bytes=out.stat().st_size, strategy=adapter.strategy, task=adapter.task,
+                        input_shape=shape, opset=opset, dtype=dtype, seconds=time.perf_counter() - started)
+
+
+def _check_deform_impl(model: GLIP) -> None:
+    """Deformable DyHeads must export through im2col (torchvision's deform_conv2d has no ONNX op)."""
+    for module in model.modules():
+        if getattr(module, "deformable", False) and getattr(module, "deform_impl", "im2col") != "im2col":
+            module.deform_impl = "im2col"  # same function as torchvision's kernel (see backbone/dyhead.py)
+
+
+def task_metadata(model: GLIP, adapter: Adapter, *, dtype: str, opset: int, dynamic: bool,
+                  size: tuple[int, int]) -> dict:
+    """Everything the runtime needs beside the graph: categories, pre/post-processing, provenance."""
+    config = model.config
+    return {
+        "format_version": 1, "task": adapter.task, "strategy": adapter.strategy, "categories": adapter.category_names,
+        "base_model": adapter.base_model, "base_fingerprint": adapter.base_fingerprint,
+        "image": dataclasses.asdict(config.image), "postprocess": dataclasses.asdict(config.postprocess),
+        "input": {"dynamic": dynamic, "height": size[0], "width": size[1]}, "dtype": dtype, "opset": opset,
+        "outputs": list(OUTPUT_NAMES), "toolkit_version": __version__,
+    }
+
+
+__all__ = ["ExportError", "ExportResult", "TaskGraph", "export_task", "load_task", "zero_shot_adapter"]
