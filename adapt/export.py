@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from adapt import __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
-from adapt.adapter import STRATEGIES, Adapter, AdapterError, apply_adapter, base_fingerprint, check_base, \
+from adapt import STRATEGY_NAMES
+from adapt.adapter import Adapter, AdapterError, apply_adapter, base_fingerprint, check_base, \
     load_adapter, read_merged, read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
 from backbone.model import GLIP
@@ -115,8 +116,8 @@ def load_task(adapter_path: str | Path, base: str | None = None) -> tuple[GLIP, 
         return GLIP.from_pretrained(str(adapter_path)), merged
     meta = read_metadata(adapter_path)
     strategy = meta.get("strategy", "")
-    if strategy not in STRATEGIES:
-        raise ExportError(f"{adapter_path} is a {strategy!r} adapter; export supports {', '.join(STRATEGIES)} "
+    if strategy not in STRATEGY_NAMES:
+        raise ExportError(f"{adapter_path} is a {strategy!r} adapter; export supports {', '.join(STRATEGY_NAMES)} "
                           "adapters: re-train the task with one of those strategies")
     name = base or meta["base_model"]
     model = GLIP.from_pretrained(name)
