@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adapt import __version__
+from adapt import STRATEGY_NAMES, __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
-from adapt import STRATEGY_NAMES
 from adapt.adapter import Adapter, AdapterError, apply_adapter, base_fingerprint, check_base, \
     load_adapter, read_merged, read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
