@@ -333,6 +333,8 @@ def test_cli_export_then_predict_onnx(tiny, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--opset", "11"], "--opset 11 is not supported"),
+    (["--size", "100x200"], "--size 100x200: the graph input is padded to multiples of 32; use e.g. 128x224"),
+    (["--size", "big"], "--size takes HEIGHTxWIDTH, e.g. 800x1344; got 'big'"),
     (["--dtype", "bfloat16"], "--dtype 'bfloat16' is not supported for export; use float32 or float16"),
 ])
 def test_cli_refuses_bad_options_in_one_line(tiny, tmp_path, args, message):
