@@ -268,9 +268,10 @@ def glip_t(tmp_path_factory):
     prompt = json.loads((REFERENCE / "glip_t" / "prompt.json").read_text())
     # the reference's exact caption and spans ("person. bicycle. car. toothbrush.", trailing "." included)
     reference_prompt = (prompt["caption"], [tuple(span) for span in prompt["phrase_char_spans"]])
-    save_adapter(zero_shot_adapter(glip, reference_prompt, str(root / "glip_t.safetensors")), root / "pt.safetensors")
+    adapter = zero_shot_adapter(glip, reference_prompt, str(root / "glip_t.safetensors"))
+    save_adapter(adapter, root / "pt.safetensors")
     export_task(root / "pt.safetensors", root / "pt.onnx", dynamic=True)
-    return root
+    return root, AdapterDetector(glip, adapter)
 
 
 @pytest.mark.slow
@@ -278,9 +279,9 @@ def glip_t(tmp_path_factory):
 def test_glip_t_prompt_adapter_onnx_matches_pytorch_and_the_official_code(glip_t):
     from safetensors.torch import load_file
 
-    onnx.checker.check_model(str(glip_t / "pt.onnx"))
-    task = OnnxTask(glip_t / "pt.onnx", threads=2)
-    detector = AdapterDetector.load(glip_t / "pt.safetensors")
+    root, detector = glip_t
+    onnx.checker.check_model(str(root / "pt.onnx"))
+    task = OnnxTask(root / "pt.onnx", threads=2)
     source = Image.open(REFERENCE / "glip_t" / "input.png").convert("RGB")
     outputs_json = json.loads((REFERENCE / "glip_t" / "outputs.json").read_text())
     robustness = outputs_json.get("robustness", {})
