@@ -400,3 +400,15 @@ def test_check_options_accepts_the_documented_range(tmp_path):
         assert check_options(tmp_path / "t.onnx", "float32", opset) == tmp_path / "t.onnx"
     with pytest.raises(ExportError, match="use --opset 17"):
         check_options(tmp_path / "t.onnx", "float32", 21)
+
+
+def test_cuda_provider_is_preferred_when_onnxruntime_has_it(monkeypatch):
+    import onnxruntime
+
+    from adapt.onnx_runtime import default_providers
+
+    assert default_providers() == (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                                   if "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+                                   else ["CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
