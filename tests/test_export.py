@@ -412,3 +412,15 @@ def test_cuda_provider_is_preferred_when_onnxruntime_has_it(monkeypatch):
                                    else ["CPUExecutionProvider"])
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_a_merged_model_exports_like_its_adapter(tiny, tmp_path):
+    from adapt.adapter import merge_adapter
+
+    merge_adapter(tiny / "linear-probe.safetensors", tmp_path / "merged.safetensors")
+    result = export_task(tmp_path / "merged.safetensors", tmp_path / "merged.onnx", dynamic=True)
+    [image] = images([(64, 64)])
+    [theirs] = AdapterDetector.load(tiny / "linear-probe.safetensors").detect(image)
+    [ours] = OnnxDetector(result.path).detect(image)
+    assert len(theirs) > 0
+    assert_same_detections(ours, theirs)
