@@ -27,7 +27,7 @@ from adapt.strategies import LINEAR_PROBE_PARAMETERS
 from backbone.checkpoints import save_model
 from backbone.config import tiny_for_tests
 from backbone.model import GLIP
-from backbone.postprocess import Candidates, Postprocessor
+from backbone.postprocess import Postprocessor
 from backbone.processor import GLIPProcessor
 from backbone.verify import match_detections
 
