@@ -22,6 +22,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,7 @@ from torch import Tensor, nn
 
 from adapt import STRATEGY_NAMES, __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
-from adapt.adapter import Adapter, AdapterError, apply_adapter, base_fingerprint, check_base, \
-    load_adapter, read_merged, read_metadata
+from adapt.adapter import Adapter, apply_adapter, base_fingerprint, load_adapter, read_merged, read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
 from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
@@ -118,10 +118,8 @@ def load_task(adapter_path: str | Path, base: str | None = None) -> tuple[GLIP, 
     if strategy not in STRATEGY_NAMES:
         raise ExportError(f"{adapter_path} is a {strategy!r} adapter; export supports {', '.join(STRATEGY_NAMES)} "
                           "adapters: re-train the task with one of those strategies")
-    name = base or meta["base_model"]
-    model = GLIP.from_pretrained(name)
-    adapter = load_adapter(adapter_path)  # check_base below raises the message that names the base to use
-    check_base(adapter, model, adapter_path)
+    model = GLIP.from_pretrained(base or meta["base_model"])
+    adapter = load_adapter(adapter_path, base=model)  # another base: the message names the one to use
     apply_adapter(model, adapter)
     return model.eval(), adapter
 
@@ -156,18 +154,16 @@ def default_size(model: GLIP) -> tuple[int, int]:
 def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "float32",
                 opset: int = DEFAULT_OPSET, dynamic: bool = False, size: tuple[int, int] | None = None) -> ExportResult:
     """Write `out`: the task of `adapter_path` as one ONNX graph (see the module docstring), checked by onnx.checker."""
-    import time
-
     import onnx
 
     started = time.perf_counter()
     out = check_options(out, dtype, opset)
+    if size is not None and (size[0] % 32 or size[1] % 32 or min(size) <= 0):
+        raise ExportError(f"--size {size[0]}x{size[1]}: the graph input is padded to multiples of 32; use e.g. "
+                          f"{max(-(-size[0] // 32), 1) * 32}x{max(-(-size[1] // 32), 1) * 32}")
     model, adapter = load_task(adapter_path, base)
     height, width = size or default_size(model)
-    if height % 32 or width % 32:
-        raise ExportError(f"--size {height}x{width}: the graph input must be padded to multiples of 32, e.g. "
-                          f"{-(-height // 32) * 32}x{-(-width // 32) * 32}")
-    _check_deform_impl(model)
+    _use_im2col(model)
     graph = TaskGraph(model, adapter, EXPORT_DTYPES[dtype]).eval()
     example = torch.zeros(1, 3, height, width)
     axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "boxes": {0: "batch", 1: "anchors"},
@@ -191,8 +187,8 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
                         input_shape=shape, opset=opset, dtype=dtype, seconds=time.perf_counter() - started)
 
 
-def _check_deform_impl(model: GLIP) -> None:
-    """Deformable DyHeads must export through im2col (torchvision's deform_conv2d has no ONNX op)."""
+def _use_im2col(model: GLIP) -> None:
+    """Deformable DyHeads export through im2col (torchvision's deform_conv2d has no ONNX op)."""
     for module in model.modules():
         if getattr(module, "deformable", False) and getattr(module, "deform_impl", "im2col") != "im2col":
             module.deform_impl = "im2col"  # same function as torchvision's kernel (see backbone/dyhead.py)

@@ -204,12 +204,12 @@ class OnnxDetector:
 
     def __init__(self, path: str | Path, *, providers: list[str] | None = None, threads: int | None = None):
         from backbone.config import ImageConfig
-        from backbone.processor import GLIPProcessor, load_tokenizer
+        from backbone.images import ImageProcessor
 
         self.task = OnnxTask(path, providers=providers, threads=threads)
         image = dict(self.task.info["image"])
         image = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in image.items()})
-        self.processor = GLIPProcessor(tokenizer=load_tokenizer(), image=image)
+        self.processor = ImageProcessor(image)  # images only: the prompt is inside the graph
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "OnnxDetector":

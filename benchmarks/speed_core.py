@@ -89,6 +89,7 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
 def build_weights(reference: Path, case: str, folder: Path) -> Path:
     """Official-format weights from the deterministic initialiser, converted once to our format."""
     out = folder / f"{case}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         official = folder / f"{case}_official.safetensors"
         subprocess.run([sys.executable, "init_weights.py", str((reference / case / "keys.json").resolve()),

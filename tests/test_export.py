@@ -27,7 +27,7 @@ from adapt.strategies import LINEAR_PROBE_PARAMETERS
 from backbone.checkpoints import save_model
 from backbone.config import tiny_for_tests
 from backbone.model import GLIP
-from backbone.postprocess import Candidates, Postprocessor
+from backbone.postprocess import Postprocessor
 from backbone.processor import GLIPProcessor
 from backbone.verify import match_detections
 
@@ -268,9 +268,10 @@ def glip_t(tmp_path_factory):
     prompt = json.loads((REFERENCE / "glip_t" / "prompt.json").read_text())
     # the reference's exact caption and spans ("person. bicycle. car. toothbrush.", trailing "." included)
     reference_prompt = (prompt["caption"], [tuple(span) for span in prompt["phrase_char_spans"]])
-    save_adapter(zero_shot_adapter(glip, reference_prompt, str(root / "glip_t.safetensors")), root / "pt.safetensors")
+    adapter = zero_shot_adapter(glip, reference_prompt, str(root / "glip_t.safetensors"))
+    save_adapter(adapter, root / "pt.safetensors")
     export_task(root / "pt.safetensors", root / "pt.onnx", dynamic=True)
-    return root
+    return root, AdapterDetector(glip, adapter)
 
 
 @pytest.mark.slow
@@ -278,9 +279,9 @@ def glip_t(tmp_path_factory):
 def test_glip_t_prompt_adapter_onnx_matches_pytorch_and_the_official_code(glip_t):
     from safetensors.torch import load_file
 
-    onnx.checker.check_model(str(glip_t / "pt.onnx"))
-    task = OnnxTask(glip_t / "pt.onnx", threads=2)
-    detector = AdapterDetector.load(glip_t / "pt.safetensors")
+    root, detector = glip_t
+    onnx.checker.check_model(str(root / "pt.onnx"))
+    task = OnnxTask(root / "pt.onnx", threads=2)
     source = Image.open(REFERENCE / "glip_t" / "input.png").convert("RGB")
     outputs_json = json.loads((REFERENCE / "glip_t" / "outputs.json").read_text())
     robustness = outputs_json.get("robustness", {})
@@ -333,6 +334,8 @@ def test_cli_export_then_predict_onnx(tiny, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--opset", "11"], "--opset 11 is not supported"),
+    (["--size", "100x200"], "--size 100x200: the graph input is padded to multiples of 32; use e.g. 128x224"),
+    (["--size", "big"], "--size takes HEIGHTxWIDTH, e.g. 800x1344; got 'big'"),
     (["--dtype", "bfloat16"], "--dtype 'bfloat16' is not supported for export; use float32 or float16"),
 ])
 def test_cli_refuses_bad_options_in_one_line(tiny, tmp_path, args, message):
@@ -397,3 +400,27 @@ def test_check_options_accepts_the_documented_range(tmp_path):
         assert check_options(tmp_path / "t.onnx", "float32", opset) == tmp_path / "t.onnx"
     with pytest.raises(ExportError, match="use --opset 17"):
         check_options(tmp_path / "t.onnx", "float32", 21)
+
+
+def test_cuda_provider_is_preferred_when_onnxruntime_has_it(monkeypatch):
+    import onnxruntime
+
+    from adapt.onnx_runtime import default_providers
+
+    assert default_providers() == (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                                   if "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+                                   else ["CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_a_merged_model_exports_like_its_adapter(tiny, tmp_path):
+    from adapt.adapter import merge_adapter
+
+    merge_adapter(tiny / "linear-probe.safetensors", tmp_path / "merged.safetensors")
+    result = export_task(tmp_path / "merged.safetensors", tmp_path / "merged.onnx", dynamic=True)
+    [image] = images([(64, 64)])
+    [theirs] = AdapterDetector.load(tiny / "linear-probe.safetensors").detect(image)
+    [ours] = OnnxDetector(result.path).detect(image)
+    assert len(theirs) > 0
+    assert_same_detections(ours, theirs)
