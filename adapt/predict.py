@@ -49,6 +49,10 @@ class AdapterDetector:
     def model(self) -> GLIP:
         return self.detector.model
 
+    @property
+    def postprocessor(self):
+        return self.detector.postprocessor
+
     def detect(self, images, threshold: float = 0.0) -> list[Detections]:
         if not isinstance(images, (list, tuple)):
             images = [images]

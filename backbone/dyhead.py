@@ -106,7 +106,7 @@ class DyReLU(nn.Module):
         # lambda_a = 2, init_a = (1, 0), init_b = (0, 0), as in layers/dyrelu.py
         a1 = (a1 - 0.5) * 2.0 + 1.0
         a2 = (a2 - 0.5) * 2.0
-        return torch.maximum(torch.addcmul(b1 - 0.5, x, a1), torch.addcmul(b2 - 0.5, x, a2))
+        return torch.maximum(x * a1 + (b1 - 0.5), x * a2 + (b2 - 0.5))
 
 
 class DyConv(nn.Module):
@@ -137,7 +137,10 @@ class DyConv(nn.Module):
                 # F.upsample_bilinear in the official code, i.e. align_corners=True
                 branches.append(F.interpolate(coarser, size=feature.shape[-2:], mode="bilinear", align_corners=True))
             # The attention-weighted mean of the branches, accumulated without stacking them (one full-size copy less)
-            mixed = sum(b * h_sigmoid(self.AttnConv(b)) for b in branches) / len(branches)  # (B, C, H, W)
+            mixed = branches[0] * h_sigmoid(self.AttnConv(branches[0]))  # (B, C, H, W)
+            for branch in branches[1:]:
+                mixed = mixed + branch * h_sigmoid(self.AttnConv(branch))
+            mixed = mixed / len(branches)
             outputs.append(self.relu(mixed))
         return outputs
 
