@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,6 @@ from backbone.processor import GLIPProcessor
 
 CUDA = torch.device("cuda")
 REPO = Path(__file__).resolve().parents[1]
-# The model forward's own host syncs, outside the training path (the lead's fix on main removes them).
-MODEL_FORWARD_FILES = ("backbone/fusion.py", "backbone/dyhead.py", "backbone/postprocess.py")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -80,16 +77,6 @@ def build(strategy: str, glip: GLIP):
     return model.train(), processor, prompt
 
 
-def skip_if_model_forward_sync(error: Exception) -> None:
-    """Skip (naming the fix) when a fake-CUDA step stops at a host sync of the model forward, not ours."""
-    frames = traceback.extract_tb(error.__traceback__)
-    ours = [f for f in frames if str(REPO) in f.filename and "site-packages" not in f.filename]
-    if ours and any(ours[-1].filename.endswith(name) for name in MODEL_FORWARD_FILES):
-        pytest.skip(f"host sync in the model forward at {Path(ours[-1].filename).name}:{ours[-1].lineno} "
-                    "(`bool(text_mask.all())`), fixed on main by the model-forward fake-CUDA change")
-    raise error
-
-
 def assert_on_cuda(outputs: HeadOutputs) -> None:
     for field in dataclasses.fields(outputs):
         value = getattr(outputs, field.name)
@@ -106,11 +93,8 @@ def fake_cuda_step(model, batch, loss_fn, steps: int = 1) -> list[dict]:
             on_device = move_to_device(batch, CUDA)
             assert on_device.pixel_values.device.type == "cuda"
             assert all(t.boxes.device.type == "cuda" for t in on_device.targets)
-            try:
-                outputs = model(on_device)
-                losses = grounding_loss(model.glip.config)(outputs, on_device.targets)
-            except Exception as error:  # noqa: BLE001 - sorted into ours (fail) or the model forward's (skip)
-                skip_if_model_forward_sync(error)
+            outputs = model(on_device)
+            losses = grounding_loss(model.glip.config)(outputs, on_device.targets)
             assert_on_cuda(outputs)
             assert all(v.device.type == "cuda" for v in losses.values())
             assert losses["loss"].requires_grad and losses["loss"].grad_fn is not None
