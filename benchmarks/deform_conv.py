@@ -10,21 +10,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import torch
 
 from backbone.dyhead import modulated_deform_conv
 
+from timing import timed_runs  # benchmarks/timing.py, beside this script
+
 
 def timed(fn, runs: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(timed_runs(fn, runs))
 
 
 def part1() -> None:

@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import timed_runs  # benchmarks/timing.py, beside this script
+
+
 HERE = Path(__file__).resolve().parent
 MODELS = {"nano": ("glip-nano", (256, 256), ["fish", "jellyfish", "penguin", "shark"]),
           "glip_t": ("GLIP-T(C)", (800, 1333), ["person", "bicycle", "car", "toothbrush"])}
@@ -99,12 +102,7 @@ def worker(model: str, runtime: str, adapter: str, onnx_file: str, runs: int, th
                 outputs = detector.model(detector.adapter.prompt, inputs, [(height, width)])
                 return detector.postprocessor(outputs, detector.adapter.positive_map)
     rss_after_load = peak_rss_gib()
-    call()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
+    times = timed_runs(call, runs)
     return {"model": model, "runtime": runtime, "size": f"{height}x{width}", "median_s": round(statistics.median(times), 3),
             "runs_s": [round(t, 3) for t in times], "rss_after_load_gib": round(rss_after_load, 2),
             "peak_rss_gib": round(peak_rss_gib(), 2), "threads": threads}

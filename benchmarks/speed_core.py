@@ -22,8 +22,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import timed_runs  # benchmarks/timing.py, beside this script
+
 
 CASES = {"glip_t": ("GLIP-T(C)", "person. bicycle. car. toothbrush."),
          "glip_a": ("GLIP-T(A)", "a red box. blue circle. yellow banner. white oval. brown triangle")}
@@ -72,12 +74,7 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
             torch.cuda.synchronize()
         return result
 
-    call()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
+    times = timed_runs(call, runs)
     peak_cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"case": case, "size": f"{height}x{width}", "padded": f"{padded[0]}x{padded[1]}", "device": str(device),
             "peak_cuda_gib": peak_cuda and round(peak_cuda, 2),
