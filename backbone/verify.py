@@ -137,7 +137,7 @@ def reduced_fragile(boxes: Tensor, scores: Tensor, labels: Tensor, rule: MatchRu
 
 
 def verify_case(case_dir: str | Path, threads: int | None = 2, device: str | None = "cpu",
-                dtype: str | None = "float32", mode: str = "autocast") -> CaseReport:
+                dtype: str | None = "float32") -> CaseReport:
     from backbone.convert import infer_config, load_official_into, read_official
     from backbone.model import GLIP
     from backbone.postprocess import Postprocessor, phrase_probabilities
@@ -161,8 +161,6 @@ def verify_case(case_dir: str | Path, threads: int | None = 2, device: str | Non
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model = model.to(device)
-    if mode == "cast":
-        model = model.to(dtype)
     report = CaseReport(case=str(case_dir), model=f"{config.name}, {str(dtype).removeprefix('torch.')} on {device}")
     ref = load_file(str(case_dir / "outputs.safetensors"))
     described = json.loads((case_dir / "outputs.json").read_text())
@@ -191,10 +189,10 @@ def verify_case(case_dir: str | Path, threads: int | None = 2, device: str | Non
     report.checks.append(CheckResult("preprocess input.image", relative_error(batch.pixel_values, ref["input.image"]),
                                      1e-6, f"{tuple(ref['input.image'].shape[-2:])}"))
 
-    with torch.no_grad(), autocast(device, dtype if mode == "autocast" else torch.float32):
+    with torch.no_grad(), autocast(device, dtype):
         prompt_features = model.encode_prompt(tokens.input_ids.to(device), tokens.attention_mask.to(device))
         # the reference network input, to isolate the model from any pre-processing difference
-        pixels = ref["input.image"].to(device, next(model.parameters()).dtype)
+        pixels = ref["input.image"].to(device)
         stages = model.swin(pixels)
         visual = model.encode_images(pixels, [unpadded_hw])
         outputs = model.fuse_and_predict(visual, prompt_features)
