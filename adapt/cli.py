@@ -252,6 +252,9 @@ def evaluate_command(
         fail(str(error).strip('"'))
     typer.echo(f"{task_obj.name} [{dataset.ann_file.parent.name}] protocol {protocol}: "
                f"AP {metrics['AP']:.1f}  AP50 {metrics['AP50']:.1f}  AP75 {metrics['AP75']:.1f}")
+    floor = metrics.get("name_blind_floor_AP50")
+    typer.echo(f"  boxes found {metrics['hit_rate']:.1f} %, named right {metrics['naming_rate']:.1f} %"
+               + (f"; name-blind floor AP50 {floor:.1f}" if floor is not None else ""))
     for name, value in (metrics.get("per_category") or {}).items():
         typer.echo(f"  {name:<28} AP {value if value is None else round(value, 1)}")
     if report:

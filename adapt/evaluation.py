@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torchvision.ops import box_convert, box_iou
 
 from backbone.detector import GLIPDetector
 from backbone.outputs import Detections
@@ -74,5 +75,51 @@ def evaluate(detector: GLIPDetector, dataset, protocol: str = "task", *, limit: 
     results, per_image = run_detection(detector, dataset, chooser, batch_size, limit, detect_fn)
     image_ids = dataset.image_ids[:limit] if limit else dataset.image_ids
     metrics = evaluate_detections(dataset.coco, results, image_ids=image_ids)
-    metrics.update(protocol=protocol, seconds_per_image=per_image)
+    metrics.update(protocol=protocol, seconds_per_image=per_image, **naming_rate(dataset, results, image_ids))
+    if chooser is not None:
+        metrics["name_blind_floor_AP50"] = name_blind_floor(dataset, image_ids, chooser, seed)
     return metrics
+
+
+def naming_rate(dataset, results: list[dict], image_ids: Sequence[int], iou: float = 0.5) -> dict:
+    """How often the right name wins where a box is found: of the ground-truth boxes that some detection hits at
+    IoU >= `iou` (under any name), the share whose best-scoring hitting detection carries the right category.
+
+    Returns {"hit_rate": % of ground-truth boxes hit, "naming_rate": % of hit boxes named right} (percent).
+    """
+    by_image: dict[int, list[dict]] = {}
+    for record in results:
+        by_image.setdefault(record["image_id"], []).append(record)
+    boxes_hit = named = total = 0
+    for image_id in image_ids:
+        target = dataset.target(image_id)
+        total += len(target["labels"])
+        found = by_image.get(image_id, [])
+        if not found or not len(target["labels"]):
+            continue
+        detected = box_convert(torch.tensor([r["bbox"] for r in found], dtype=torch.float32), "xywh", "xyxy")
+        scores = torch.tensor([r["score"] for r in found])
+        categories = torch.tensor([dataset.cat_id_to_label[r["category_id"]] for r in found])
+        hits = box_iou(target["boxes"], detected) >= iou  # (gt, det)
+        for gt, row in enumerate(hits):
+            if row.any():
+                boxes_hit += 1
+                best = torch.where(row, scores, -1.0).argmax()
+                named += int(categories[best] == target["labels"][gt])
+    return {"hit_rate": 100.0 * boxes_hit / max(total, 1), "naming_rate": 100.0 * named / max(boxes_hit, 1)}
+
+
+def name_blind_floor(dataset, image_ids: Sequence[int], labels_for_image: Callable[[int], Sequence[int]],
+                     seed: int = 0) -> float:
+    """AP50 of a detector that finds every box perfectly but cannot tell names apart: each ground-truth box is
+    reported once for every prompted name of its image, with random scores. Per-image prompts of few names score
+    well above zero this way, which is what a model's AP50 under that protocol must be read against."""
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for image_id in image_ids:
+        boxes = dataset.target(image_id)["boxes"]
+        for label in labels_for_image(image_id):
+            scores = torch.rand(len(boxes), generator=generator)
+            labels = torch.full((len(boxes),), int(label), dtype=torch.long)
+            results += detections_to_results(image_id, boxes, scores, labels, dataset.label_to_cat_id)
+    return evaluate_detections(dataset.coco, results, image_ids=image_ids)["AP50"]
