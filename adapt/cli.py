@@ -219,7 +219,8 @@ def evaluate_command(
     adapter: Annotated[Optional[Path], typer.Option(help="adapter file (default: zero-shot base)")] = None,
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's, else glip-nano)")] = None,
     split: Annotated[Optional[str], typer.Option(help="split (default: the task's evaluation split)")] = None,
-    protocol: Annotated[str, typer.Option(help="'task', 'all-chunked' or 'per-image-N' (held-in)")] = "task",
+    protocol: Annotated[str, typer.Option(help="'task', 'all-chunked' (chunks fill 256 tokens), 'all-chunked-N' "
+                                               "(at most N categories per chunk) or 'per-image-N' (held-in)")] = "task",
     limit: Annotated[Optional[int], typer.Option(help="first N images only")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write metrics here (JSON)")] = None,
     results_json: Annotated[Optional[Path], typer.Option("--results", help="COCO results json")] = None,

@@ -5,7 +5,8 @@ Protocols:
     if longer than the token limit — zero-shot evaluation and tuned evaluation alike.
   * "per-image-N": for held-in validation, each image gets its own prompt of N names (its present
     categories plus random absent ones, seeded by image id), as in GLIP's detection pretraining.
-  * "all-chunked": every category of the task in one prompt, split into ≤256-token chunks (LVIS style).
+  * "all-chunked": every category of the task in one prompt, split into chunks that fill ≤256 tokens;
+    "all-chunked-N": chunks of at most N categories (GLIP's LVIS evaluation uses 40).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def per_image_names(dataset, image_id: int, num_names: int, seed: int = 0) -> li
 
 def run_detection(detector: GLIPDetector, dataset, labels_for_image: Callable[[int], Sequence[int]] | None,
                   batch_size: int = 8, limit: int | None = None,
-                  detect_fn: Callable[[list, list], list[Detections]] | None = None) -> tuple[list[dict], float]:
+                  detect_fn: Callable[[list, list], list[Detections]] | None = None,
+                  max_categories: int | None = None) -> tuple[list[dict], float]:
     """COCO results for `dataset` (a tasks CocoDetection); returns (results, seconds per image)."""
     prompts = task_prompt(dataset.categories)
     image_ids = dataset.image_ids[:limit] if limit else dataset.image_ids
@@ -53,7 +55,7 @@ def run_detection(detector: GLIPDetector, dataset, labels_for_image: Callable[[i
             detections = detect_fn(images, label_lists)
         else:
             detections = detector.detect(images, [[prompts[j] for j in labels] for labels in label_lists],
-                                         threshold=0.0)
+                                         threshold=0.0, max_categories=max_categories)
         for image_id, labels, dets in zip(ids, label_lists, detections):
             task_labels = torch.tensor(labels, dtype=torch.long)[dets.labels] if len(dets) else dets.labels
             results += detections_to_results(image_id, dets.boxes, dets.scores, task_labels, dataset.label_to_cat_id)
@@ -63,16 +65,19 @@ def run_detection(detector: GLIPDetector, dataset, labels_for_image: Callable[[i
 def evaluate(detector: GLIPDetector, dataset, protocol: str = "task", *, limit: int | None = None,
              seed: int = 0, batch_size: int = 8, detect_fn=None) -> dict:
     """Detect on every image of `dataset` under `protocol` and score with COCOeval (metrics in percent)."""
+    chooser, max_categories = None, None
     if protocol == "task" or protocol == "all-chunked":
-        chooser = None
+        pass
+    elif protocol.startswith("all-chunked-") and protocol.rsplit("-", 1)[1].isdigit():
+        max_categories = int(protocol.rsplit("-", 1)[1])
     elif protocol.startswith("per-image-"):
         num_names = int(protocol.rsplit("-", 1)[1])
 
         def chooser(image_id: int) -> list[int]:
             return per_image_names(dataset, image_id, num_names, seed)
     else:
-        raise ValueError(f"unknown protocol {protocol!r}; use 'task', 'all-chunked' or 'per-image-N'")
-    results, per_image = run_detection(detector, dataset, chooser, batch_size, limit, detect_fn)
+        raise ValueError(f"unknown protocol {protocol!r}; use 'task', 'all-chunked', 'all-chunked-N' or 'per-image-N'")
+    results, per_image = run_detection(detector, dataset, chooser, batch_size, limit, detect_fn, max_categories)
     image_ids = dataset.image_ids[:limit] if limit else dataset.image_ids
     metrics = evaluate_detections(dataset.coco, results, image_ids=image_ids)
     metrics.update(protocol=protocol, seconds_per_image=per_image, **naming_rate(dataset, results, image_ids))

@@ -61,17 +61,18 @@ class GLIPDetector:
         """The precision context of every network call (autocast, or nothing in float32)."""
         return autocast(self.device, self.dtype)
 
-    def tokenize(self, categories: Categories | str) -> list[TokenizedPrompt]:
+    def tokenize(self, categories: Categories | str, max_categories: int | None = None) -> list[TokenizedPrompt]:
         if isinstance(categories, str):
             categories = split_prompt(categories)
-        return self.processor.tokenize(list(categories))
+        return self.processor.tokenize(list(categories), max_categories=max_categories)
 
     @torch.no_grad()
     def detect(self, images, categories: Categories | str | Sequence[Categories], threshold: float = 0.5,
-               resize: bool = True) -> list[Detections]:
+               resize: bool = True, max_categories: int | None = None) -> list[Detections]:
         """Detect `categories` in `images` (paths, bytes, PIL images or RGB arrays; one or a list).
 
-        `categories` is one category list (or a "a. b. c" prompt) for all images, or one list per image.
+        `categories` is one category list (or a "a. b. c" prompt) for all images, or one list per image; a long
+        list runs as chunks that fill the token limit, or of at most `max_categories` categories each.
         Returns one `Detections` per image, boxes xyxy in original pixels, scores > threshold.
         """
         if not isinstance(images, (list, tuple)):
@@ -82,7 +83,7 @@ class GLIPDetector:
             visual = self.model.encode_images(batch.pixel_values, batch.image_sizes)
         results = []
         for index, cats in enumerate(per_image):
-            prompts = self.tokenize(cats)
+            prompts = self.tokenize(cats, max_categories)
             candidates = Candidates.cat([self._candidates(visual[index], p) for p in prompts])
             final = self.postprocessor.select(candidates)
             names = [n for p in prompts for n in p.categories]

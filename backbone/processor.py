@@ -48,9 +48,9 @@ class GLIPProcessor:
         """The resize and normalisation settings."""
         return self.images.image
 
-    def tokenize(self, prompt, *, separator: str = ". ") -> list[TokenizedPrompt]:
+    def tokenize(self, prompt, *, separator: str = ". ", max_categories: int | None = None) -> list[TokenizedPrompt]:
         """See `PromptTokenizer.tokenize`."""
-        return self.prompts.tokenize(prompt, separator=separator)
+        return self.prompts.tokenize(prompt, separator=separator, max_categories=max_categories)
 
     def load_image(self, source: ImageInput):
         return self.images.load_image(source)

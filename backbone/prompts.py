@@ -223,13 +223,15 @@ class PromptTokenizer:
         self.max_query_len = max_query_len
 
     def tokenize(self, prompt: Sequence[str | CategoryPrompt] | tuple[str, Sequence[tuple[int, int]]], *,
-                 separator: str = ". ") -> list[TokenizedPrompt]:
+                 separator: str = ". ", max_categories: int | None = None) -> list[TokenizedPrompt]:
         """Tokenize a category list (split into chunks if needed) or a grounding caption with phrase spans.
 
         Args:
             prompt: categories in label order (str or `CategoryPrompt`), or a `(caption, spans)` pair whose
                 spans are `[begin, end)` character offsets of the phrases in `caption`.
             separator: text between categories (ignored for a caption).
+            max_categories: at most this many categories per chunk (GLIP's LVIS evaluation uses 40); None fills
+                each chunk up to the token limit.
 
         Returns:
             One prompt for a caption or a category list that fits `max_query_len` tokens; otherwise several,
@@ -249,14 +251,17 @@ class PromptTokenizer:
                                  "not split (its phrases depend on the whole sentence): shorten it")
             names = tuple(caption[beg:end] for beg, end in spans)
             return [self._prompt(caption, names, spans, encoding, category_offset=0)]
-        return self._tokenize_categories(_as_categories(prompt), separator)
+        if max_categories is not None and max_categories < 1:
+            raise ValueError(f"max_categories={max_categories}: a chunk needs at least one category")
+        return self._tokenize_categories(_as_categories(prompt), separator, max_categories)
 
     def _encode(self, text: str, special: bool = True) -> dict:
         # verbose=False: captions of 1000+ categories exceed model_max_length on purpose before chunking.
         return self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True,
                               return_special_tokens_mask=special, truncation=False, padding=False, verbose=False)
 
-    def _tokenize_categories(self, categories: list[CategoryPrompt], separator: str) -> list[TokenizedPrompt]:
+    def _tokenize_categories(self, categories: list[CategoryPrompt], separator: str,
+                             max_categories: int | None = None) -> list[TokenizedPrompt]:
         """Greedy chunks of whole categories, planned from one tokenization of the whole list."""
         caption, _, segments = _layout(categories, separator)
         offsets = self._encode(caption, special=False)["offset_mapping"]
@@ -273,7 +278,8 @@ class PromptTokenizer:
         prompts, start = [], 0
         while start < len(categories):
             end = start + 1
-            while end < len(categories) and stop[end] - first[start] <= budget:
+            while end < len(categories) and stop[end] - first[start] <= budget and \
+                    (max_categories is None or end - start < max_categories):
                 end += 1
             # Re-check with the chunk's own tokenization: it can differ from the estimate when a separator
             # without space or punctuation lets word pieces join across categories.

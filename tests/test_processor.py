@@ -195,6 +195,20 @@ def test_many_categories_are_chunked(processor, tokenizer):
             assert len(tokenizer(grown)["input_ids"]) > 256
 
 
+def test_chunks_of_at_most_n_categories(processor):
+    """GLIP's LVIS evaluation runs 40 categories per prompt; the chunk size is an option, the token limit still holds."""
+    names = [f"thing {i}" for i in range(100)]
+    filled = processor.tokenize(names)
+    by_40 = processor.tokenize(names, max_categories=40)
+    assert [p.num_categories for p in by_40] == [40, 40, 20]
+    assert [c for p in by_40 for c in p.categories] == names and [p.category_offset for p in by_40] == [0, 40, 80]
+    assert len(filled) < len(by_40) and max(p.num_categories for p in filled) > 40
+    long_names = [f"a rather long description of object number {i}" for i in range(60)]
+    assert all(p.num_tokens <= 256 for p in processor.tokenize(long_names, max_categories=40))
+    with pytest.raises(ValueError, match="at least one category"):
+        processor.tokenize(names, max_categories=0)
+
+
 def test_chunk_boundary_is_exact(tokenizer):
     small = GLIPProcessor(prompts=PromptTokenizer(tokenizer, 11), images=ImageProcessor(ImageConfig()))
     # n single-token names: [CLS] + n names + (n-1) "." + [SEP] = 2n + 1 tokens.
