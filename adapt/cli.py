@@ -108,6 +108,9 @@ def pretrain(
     weights: Annotated[Optional[Path], typer.Option(help="final weights file")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
     eval_every: Annotated[int, typer.Option(help="held-in evaluation every N steps")] = 500,
+    prompt_names: Annotated[int, typer.Option(help="names per detection prompt (present + absent)")] = 16,
+    grad_clip: Annotated[float, typer.Option(help="max total gradient norm (0: no clipping)")] = 1.0,
+    num_workers: Annotated[int, typer.Option(help="processes drawing scenes beside the training")] = 0,
     resume: Annotated[bool, typer.Option(help="continue the run in --out if it has a checkpoint")] = True,
     device: DeviceOption = None,
     dtype: DtypeOption = "float32",
@@ -120,6 +123,7 @@ def pretrain(
     try:
         config = PretrainConfig(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out_dir=out,
                                 weights_out=weights, threads=threads, eval_every=eval_every, resume=resume,
+                                prompt_names=prompt_names, grad_clip=grad_clip or None, num_workers=num_workers,
                                 device=device, dtype=dtype, data_root=_data_root())
         summary = run(config)
     except ValueError as error:  # DeviceError included: an unusable --device/--dtype

@@ -16,7 +16,7 @@ import torch
 from adapt.grounding import GroundingCollator, GroundingModel, grounding_loss, grounding_loss_fn
 from adapt.train import TrainConfig, Trainer
 from backbone.checkpoints import save_model
-from backbone.config import get_preset
+from backbone.config import GLIPConfig, get_preset
 from backbone.detector import GLIPDetector
 from backbone.model import GLIP
 from backbone.processor import GLIPProcessor
@@ -25,6 +25,7 @@ from backbone.processor import GLIPProcessor
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     preset: str = field(default="glip-nano", metadata={"help": "glip-nano or glip-nano-a"})
+    model: GLIPConfig | None = field(default=None, metadata={"help": "a model config instead of the preset's (ablations)"})
     out_dir: Path = field(default=Path("runs/pretrain"), metadata={"help": "run folder (checkpoints, log)"})
     weights_out: Path | None = field(default=None, metadata={"help": "final weights (.safetensors)"})
     steps: int = 3000
@@ -32,6 +33,7 @@ class PretrainConfig:
     lr: float = 6e-4
     weight_decay: float = 0.05
     warmup_steps: int = 200
+    grad_clip: float | None = field(default=1.0, metadata={"help": "max total gradient norm (None: no clipping)"})
     prompt_names: int = field(default=16, metadata={"help": "names per detection prompt (present + absent)"})
     grounding_fraction: float = field(default=0.3, metadata={"help": "share of caption (grounding) samples"})
     seed: int = 0
@@ -39,6 +41,7 @@ class PretrainConfig:
     eval_images: int = 100
     checkpoint_every: int = 100
     threads: int | None = None
+    num_workers: int = field(default=0, metadata={"help": "DataLoader processes drawing scenes beside the training"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (None: CUDA when available)"})
     dtype: str = field(default="float32", metadata={
         "help": "compute precision: float32, bfloat16 (autocast, CPU or CUDA) or float16 (autocast + GradScaler, "
@@ -71,7 +74,7 @@ def build_pretraining(config: PretrainConfig):
     """Model, dataset, collator and evaluation for a pretraining run (also used by tests on tiny presets)."""
     from tasks import get_task
 
-    glip_config = get_preset(config.preset)
+    glip_config = config.model or get_preset(config.preset)
     processor = GLIPProcessor.from_config(glip_config)
     dataset, collate = pretraining_data(config, processor)
     glip = GLIP.from_config(glip_config)
@@ -80,7 +83,7 @@ def build_pretraining(config: PretrainConfig):
 
     def eval_fn(wrapped) -> dict:
         detector = GLIPDetector(wrapped.glip, processor)
-        metrics = evaluate_protocol(detector, heldin, f"per-image-{config.prompt_names}", config.eval_images)
+        metrics = evaluate_protocol(detector, heldin, "per-image-16", config.eval_images)
         wrapped.train()
         return metrics
 
@@ -91,7 +94,8 @@ def evaluate_protocol(detector, dataset, protocol: str, limit: int | None) -> di
     from adapt.evaluation import evaluate
 
     metrics = evaluate(detector, dataset, protocol, limit=limit)
-    return {"AP": metrics["AP"], "AP50": metrics["AP50"]}
+    keys = ("AP", "AP50", "hit_rate", "naming_rate", "name_blind_floor_AP50")
+    return {key: metrics[key] for key in keys if key in metrics}
 
 
 def pretrain(config: PretrainConfig) -> dict:
@@ -100,7 +104,8 @@ def pretrain(config: PretrainConfig) -> dict:
     model, dataset, collate, eval_fn = build_pretraining(config)
     train_config = TrainConfig(
         out_dir=config.out_dir, lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-        schedule="cosine", max_steps=config.steps, batch_size=config.batch_size, grad_clip=1.0,
+        schedule="cosine", max_steps=config.steps, batch_size=config.batch_size, grad_clip=config.grad_clip,
+        num_workers=config.num_workers,
         eval_every=config.eval_every, checkpoint_every=config.checkpoint_every, best_metric="AP50",
         seed=config.seed, log_every=10, max_bad_steps=20, device=config.device, dtype=config.dtype)
     started = time.perf_counter()

@@ -60,6 +60,10 @@ class FusionConfig:
     num_heads: int = 8
     dropout: float = 0.1
     text_layers: bool = field(default=True, metadata={"help": "a BERT layer on the text stream after each fusion"})
+    text_layer_scale: float | None = field(default=None, metadata={
+        "help": "None (GLIP): the text stream takes each fusion's γ = 1/layers and the BERT layer's output as is; "
+                "a value: γ_l starts there and each BERT layer's change is scaled by a learnable per-channel "
+                "factor starting there (keeps the frozen language features' name distinctions early on)"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +80,8 @@ class HeadConfig:
     anchor_base_size: int = field(default=8, metadata={"help": "anchor side = base size x stride (64 px on P3)"})
     box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     prior_prob: float = 0.01
+    score: str = field(default="dot", metadata={
+        "help": "'dot' (GLIP) or 'cosine': normalised anchor and text vectors over a learnable temperature"})
     legacy_class_columns: int = field(
         default=80, metadata={"help": "width of the official unused cls_logits conv (NUM_CLASSES-1); 0 = none"})
 

@@ -155,10 +155,14 @@ class DyHeadLayer(nn.Module):
     """One tower layer: optional fusion + BERT layer on the text stream, then DyConv on the image stream."""
 
     def __init__(self, *, channels: int, deformable: bool, groups: int, fusion: FusionBlock | None = None,
-                 text_layer: BertLayer | None = None, deform_impl: str = "torchvision"):
+                 text_layer: BertLayer | None = None, deform_impl: str = "torchvision",
+                 text_layer_scale: float | None = None):
         super().__init__()
         self.fusion = fusion
         self.text_layer = text_layer
+        # glip-nano v2 only (None in GLIP): text + s·(BERT(text) - text), s per channel
+        self.text_layer_gamma = (nn.Parameter(torch.full((text_layer.attention.self.all_head_size,), text_layer_scale))
+                                 if text_layer is not None and text_layer_scale is not None else None)
         self.dyconv = DyConv(channels, deformable, groups, deform_impl)
 
     def forward(self, levels: list[Tensor], text: Tensor, text_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
@@ -168,9 +172,10 @@ class DyHeadLayer(nn.Module):
             additive = None
             if text_mask is not None:  # an all-real mask adds exactly 0; testing for that would be a host sync
                 additive = (1.0 - text_mask[:, None, None, :].to(text.dtype)) * torch.finfo(text.dtype).min
-            text = self.text_layer(text, attention_mask=additive)
-            if isinstance(text, tuple):
-                text = text[0]
+            updated = self.text_layer(text, attention_mask=additive)
+            if isinstance(updated, tuple):
+                updated = updated[0]
+            text = updated if self.text_layer_gamma is None else text + self.text_layer_gamma * (updated - text)
         return self.dyconv(levels), text
 
 
@@ -183,15 +188,16 @@ class DyHeadTower(nn.Module):
     def build(cls, *, num_layers: int, channels: int, text_dim: int, deformable: bool, groups: int,
               fusion: bool, fusion_embed_dim: int, fusion_heads: int, fusion_dropout: float,
               text_layers: bool, text_heads: int, text_intermediate: int,
-              deform_impl: str = "torchvision") -> "DyHeadTower":
+              deform_impl: str = "torchvision", text_layer_scale: float | None = None) -> "DyHeadTower":
         layers = []
         for _ in range(num_layers):
             block = FusionBlock(visual_dim=channels, text_dim=text_dim, embed_dim=fusion_embed_dim,
                                 num_heads=fusion_heads, dropout=fusion_dropout,
-                                init_gamma=1.0 / num_layers) if fusion else None
+                                init_gamma=1.0 / num_layers, init_gamma_text=text_layer_scale) if fusion else None
             text_layer = _text_layer(text_dim, text_heads, text_intermediate) if fusion and text_layers else None
             layers.append(DyHeadLayer(channels=channels, deformable=deformable, groups=groups, fusion=block,
-                                      text_layer=text_layer, deform_impl=deform_impl))
+                                      text_layer=text_layer, deform_impl=deform_impl,
+                                      text_layer_scale=text_layer_scale))
         return cls(layers)
 
     def forward(self, levels: list[Tensor], text: Tensor, text_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:

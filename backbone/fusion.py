@@ -68,14 +68,14 @@ class FusionBlock(nn.Module):
     """One fusion step over all pyramid levels: (levels, text) -> (levels, text)."""
 
     def __init__(self, *, visual_dim: int, text_dim: int, embed_dim: int, num_heads: int, dropout: float = 0.1,
-                 init_gamma: float = 1 / 6):
+                 init_gamma: float = 1 / 6, init_gamma_text: float | None = None):
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(visual_dim)
         self.layer_norm_l = nn.LayerNorm(text_dim)
         self.attn = BiMultiHeadAttention(visual_dim=visual_dim, text_dim=text_dim, embed_dim=embed_dim,
                                          num_heads=num_heads, dropout=dropout)
         self.gamma_v = nn.Parameter(torch.full((visual_dim,), init_gamma))
-        self.gamma_l = nn.Parameter(torch.full((text_dim,), init_gamma))
+        self.gamma_l = nn.Parameter(torch.full((text_dim,), init_gamma if init_gamma_text is None else init_gamma_text))
 
     def forward(self, levels: list[Tensor], text: Tensor, text_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
         shapes = [lvl.shape[-2:] for lvl in levels]

@@ -48,9 +48,10 @@ class GLIP(nn.Module):
             fusion=config.fusion.enabled, fusion_embed_dim=config.fusion.embed_dim,
             fusion_heads=config.fusion.num_heads, fusion_dropout=config.fusion.dropout,
             text_layers=config.fusion.text_layers, text_heads=config.text.num_heads,
-            text_intermediate=config.text.intermediate_size, deform_impl=config.dyhead.deform_impl)
+            text_intermediate=config.text.intermediate_size, deform_impl=config.dyhead.deform_impl,
+            text_layer_scale=config.fusion.text_layer_scale)
         head = VLHead(channels=config.fpn.out_channels, text_dim=config.text.hidden_size,
-                      num_levels=config.fpn.num_levels, prior_prob=config.head.prior_prob)
+                      num_levels=config.fpn.num_levels, prior_prob=config.head.prior_prob, score=config.head.score)
         return cls(swin=swin, fpn=fpn, text=text, dyhead=dyhead, head=head, strides=config.strides,
                    anchor_base_size=config.head.anchor_base_size, deep_fusion=config.fusion.enabled, config=config)
 
