@@ -109,7 +109,7 @@ def pretrain(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
     eval_every: Annotated[int, typer.Option(help="held-in evaluation every N steps")] = 500,
     prompt_names: Annotated[int, typer.Option(help="names per detection prompt (present + absent)")] = 16,
-    grad_clip: Annotated[float, typer.Option(help="max total gradient norm (0: no clipping)")] = 5.0,
+    grad_clip: Annotated[float, typer.Option(help="max total gradient norm (0: no clipping)")] = 1.0,
     num_workers: Annotated[int, typer.Option(help="processes drawing scenes beside the training")] = 0,
     resume: Annotated[bool, typer.Option(help="continue the run in --out if it has a checkpoint")] = True,
     device: DeviceOption = None,

@@ -33,7 +33,7 @@ class PretrainConfig:
     lr: float = 6e-4
     weight_decay: float = 0.05
     warmup_steps: int = 200
-    grad_clip: float | None = field(default=5.0, metadata={"help": "max total gradient norm (None: no clipping)"})
+    grad_clip: float | None = field(default=1.0, metadata={"help": "max total gradient norm (None: no clipping)"})
     prompt_names: int = field(default=16, metadata={"help": "names per detection prompt (present + absent)"})
     grounding_fraction: float = field(default=0.3, metadata={"help": "share of caption (grounding) samples"})
     seed: int = 0

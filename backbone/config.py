@@ -168,8 +168,6 @@ def glip_nano() -> GLIPConfig:
 
     Frozen all-MiniLM-L6-v2 text encoder (a real pretrained BERT, 384 wide), 3 feature levels at
     256 px, 2 DyHead layers with deep fusion, plain convs (CPU: see benchmarks/deform_conv.py).
-    v2 departs from GLIP in two places (backbone/weights/MODEL_CARD.md): a cosine head score and a
-    layer-scale on the text side of the tower, so the names stay apart while the tower learns.
     """
     return GLIPConfig(
         name="glip-nano",
@@ -177,9 +175,9 @@ def glip_nano() -> GLIPConfig:
                         drop_path_rate=0.1),
         text=TextConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, pretrained="minilm"),
         fpn=FPNConfig(out_channels=96, num_levels=3),
-        fusion=FusionConfig(embed_dim=384, num_heads=4, text_layer_scale=0.1),
+        fusion=FusionConfig(embed_dim=384, num_heads=4),
         dyhead=DyHeadConfig(num_layers=2, deformable=False, group_norm_groups=16),
-        head=HeadConfig(anchor_base_size=4, legacy_class_columns=0, score="cosine"),
+        head=HeadConfig(anchor_base_size=4, legacy_class_columns=0),
         image=ImageConfig(min_size=256, max_size=256, size_divisibility=32),
     )
 

@@ -32,6 +32,9 @@ def variants() -> dict[str, tuple[str, dict, dict]]:
         "textls": ("layer-scale 0.1 on the text side of fusion and of the DyHead's BERT layers", textls, {}),
         "cosine+textls": ("both", both, {}),
         "cosine+textls+clip5": ("both, gradient clipping 5 instead of 1", both, {"grad_clip": 5.0}),
+        "textls+clip5": ("text layer-scale 0.1, gradient clipping 5 (GLIP's dot-product score)", textls,
+                         {"grad_clip": 5.0}),
+        "glip-fp32": ("GLIP's head and text path, float32 (the released recipe exactly)", {}, {"dtype": "float32"}),
         "cosine+textls+k12": ("both, 12 names per detection prompt instead of 16", both, {"prompt_names": 12}),
         "cosine+textls+lr1e-3": ("both, learning rate 1e-3 instead of 6e-4", both, {"lr": 1e-3}),
         "cosine+textls+ground0.1": ("both, 10 % grounding captions instead of 30 %", both,
@@ -43,24 +46,31 @@ def model_config(changes: dict):
     from backbone.config import get_preset
 
     config = get_preset("glip-nano")
+    # Every variant starts from GLIP's own head and text path (the released glip-nano), whatever the preset says.
+    changes = {"head.score": "dot", "fusion.text_layer_scale": None, **changes}
     for dotted, value in changes.items():
         part, name = dotted.split(".")
         config = config.replace(**{part: dataclasses.replace(getattr(config, part), **{name: value})})
     return config
 
 
-def run(variant: str, steps: int, threads: int, keep: bool) -> dict:
+def run(variant: str, steps: int, threads: int, keep: bool, eval_every: int | None = None) -> dict:
     from adapt.pretrain import PretrainConfig, pretrain
 
     what, model_changes, config_changes = variants()[variant]
     out_dir = Path("runs") / "nano-ablations" / f"{variant}-{steps}"
+    config_changes = {"dtype": "bfloat16", "grad_clip": 1.0, **config_changes}  # the released recipe's clip
     config = PretrainConfig(preset="glip-nano", model=model_config(model_changes), out_dir=out_dir,
-                            steps=steps, eval_every=steps, threads=threads, dtype="bfloat16", device="cpu",
+                            steps=steps, eval_every=eval_every or steps, threads=threads, device="cpu",
                             **config_changes)
     started = time.perf_counter()
     summary = pretrain(config)
-    row = {"variant": variant, "what": what, "steps": steps, "threads": threads, "dtype": "bfloat16",
-           "wall_s": round(time.perf_counter() - started, 1), **summary["last_metrics"]}
+    log = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    trajectory = {r["step"]: {k: round(r[k], 2) for k in ("AP50", "hit_rate", "naming_rate")}
+                  for r in log if r.get("event") == "eval"}
+    row = {"variant": variant, "what": what, "steps": steps, "threads": threads, "dtype": config.dtype,
+           "grad_clip": config.grad_clip, "wall_s": round(time.perf_counter() - started, 1),
+           **summary["last_metrics"], "trajectory": trajectory}
     from glip_io import atomic_write
 
     atomic_write(RESULTS / f"{variant}-{steps}.json", json.dumps(row, indent=1).encode())
@@ -83,13 +93,14 @@ def main() -> None:
     parser.add_argument("--variant", choices=sorted(variants()))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=None, help="also score at every N steps (trajectory)")
     parser.add_argument("--keep", action="store_true", help="keep the run folder (checkpoints)")
     parser.add_argument("--table", action="store_true", help="print the table of the rows measured so far")
     args = parser.parse_args()
     if args.table or not args.variant:
         print(table())
         return
-    print(json.dumps(run(args.variant, args.steps, args.threads, args.keep), indent=1))
+    print(json.dumps(run(args.variant, args.steps, args.threads, args.keep, args.eval_every), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Measured quality of the embedded base models (the numbers of backbone/weights/MODEL_CARD.md).
 
-    python benchmarks/nano_quality.py [--models glip-nano glip-nano-a] [--out benchmarks/results/nano_quality.json]
+    python benchmarks/nano_quality.py [--models glip-nano glip-nano-a] [--protocols per-image-16 ...]
+                                      [--out benchmarks/results/nano_quality.json]
 
 Protocols (COCOeval bbox, test split of each task):
   held-in, per-image-16: icons-heldin (pretraining categories, unseen scenes); each image is prompted
       with 16 names: its present categories plus random absent ones (seeded by image id);
-  held-in, all-chunked: the same images prompted with all 506 pretraining categories, run as chunks of
-      at most 256 tokens and merged before NMS (LVIS-style);
+  held-in, all-chunked-40: the same images prompted with all 506 pretraining categories, run as chunks of
+      at most 40 categories and merged before NMS (GLIP's LVIS evaluation);
+  held-in, all-chunked: the same, with chunks filling up to 256 tokens;
   zero-shot: each downstream icon task (held-out categories) with its own prompt.
-Each figure is reproduced by `adapt eval --base MODEL --task TASK --split test --protocol PROTOCOL`.
+Every row also reports the hit rate, the top-1 naming rate and (per-image) the name-blind floor AP50
+(adapt/evaluation.py). Each figure is reproduced by `adapt eval --base MODEL --task TASK --split test --protocol PROTOCOL`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 DOWNSTREAM = ["icons-aquarium", "icons-vehicles", "icons-thermal", "icons-aerial", "icons-described"]
+HELDIN_PROTOCOLS = ("per-image-16", "all-chunked-40", "all-chunked")
+REPORTED = ("AP", "AP50", "hit_rate", "naming_rate", "name_blind_floor_AP50")
 
 
 def render(detector, dataset, out: Path, count: int = 4) -> None:
@@ -37,7 +42,9 @@ def render(detector, dataset, out: Path, count: int = 4) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=["glip-nano", "glip-nano-a"])
+    parser.add_argument("--models", nargs="*", default=["glip-nano", "glip-nano-a"],
+                        help="embedded names or weight files (a file is reported under its preset's name)")
+    parser.add_argument("--protocols", nargs="*", default=list(HELDIN_PROTOCOLS), choices=HELDIN_PROTOCOLS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/nano_quality.json"))
     parser.add_argument("--picture", type=Path, default=Path("docs/images/glip_nano_detections.png"))
     parser.add_argument("--data-root", type=Path, default=None)
@@ -47,33 +54,44 @@ def main() -> None:
 
     from adapt.evaluation import evaluate
     from backbone.detector import GLIPDetector
+    from glip_io import atomic_write
     from tasks import get_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {}
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for model in args.models:
         detector = GLIPDetector.from_pretrained(model)
+        name = detector.model.config.name
         heldin = get_task("icons-heldin", data_root=args.data_root).split("test")
         row = {}
-        for protocol in ("per-image-16", "all-chunked"):
+        for protocol in args.protocols:
             started = time.perf_counter()
             metrics = evaluate(detector, heldin, protocol)
-            row[f"heldin/{protocol}"] = {"AP": round(metrics["AP"], 2), "AP50": round(metrics["AP50"], 2),
-                                         "seconds": round(time.perf_counter() - started, 1)}
-            print(f"{model} icons-heldin {protocol}: AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}", flush=True)
+            row[f"heldin/{protocol}"] = {key: round(metrics[key], 2) for key in REPORTED if key in metrics}
+            row[f"heldin/{protocol}"]["seconds"] = round(time.perf_counter() - started, 1)
+            print(f"{name} icons-heldin {protocol}: " + describe(metrics), flush=True)
         for task in DOWNSTREAM:
             split = get_task(task, data_root=args.data_root).split("test")
             metrics = evaluate(detector, split, "task")
-            row[f"zero-shot/{task}"] = {"AP": round(metrics["AP"], 2), "AP50": round(metrics["AP50"], 2)}
-            print(f"{model} zero-shot {task}: AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}", flush=True)
-        results[model] = row
-        if model == "glip-nano" and args.picture:
+            row[f"zero-shot/{task}"] = {key: round(metrics[key], 2) for key in REPORTED if key in metrics}
+            print(f"{name} zero-shot {task}: " + describe(metrics), flush=True)
+        zero_shot = [row[f"zero-shot/{task}"]["AP"] for task in DOWNSTREAM]
+        row["zero-shot/mean AP"] = round(sum(zero_shot) / len(zero_shot), 2)
+        results[name] = row
+        atomic_write(args.out, json.dumps(results, indent=1).encode())  # after each model: a cut run keeps rows
+        if name == "glip-nano" and args.picture:
             args.picture.parent.mkdir(parents=True, exist_ok=True)
             render(detector, heldin, args.picture)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+
+
+def describe(metrics: dict) -> str:
+    text = f"AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f} hit {metrics['hit_rate']:.1f} % " \
+           f"named right {metrics['naming_rate']:.1f} %"
+    if "name_blind_floor_AP50" in metrics:
+        text += f" (name-blind floor AP50 {metrics['name_blind_floor_AP50']:.1f})"
+    return text
 
 
 if __name__ == "__main__":
