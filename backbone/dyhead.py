@@ -160,7 +160,7 @@ class DyHeadLayer(nn.Module):
         super().__init__()
         self.fusion = fusion
         self.text_layer = text_layer
-        # glip-nano v2 only (None in GLIP): text + s·(BERT(text) - text), s per channel
+        # an ablation option (None in GLIP and glip-nano): text + s·(BERT(text) - text), s per channel
         self.text_layer_gamma = (nn.Parameter(torch.full((text_layer.attention.self.all_head_size,), text_layer_scale))
                                  if text_layer is not None and text_layer_scale is not None else None)
         self.dyconv = DyConv(channels, deformable, groups, deform_impl)

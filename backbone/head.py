@@ -5,9 +5,9 @@ between anchor feature O and token feature P is
     S = O · Linear(normalize(P) / 2)ᵀ / exp(log_scale) + normalize(P) · bias_lang + bias0,
 clamped to ±50000.
 
-`score="cosine"` (glip-nano v2, not in GLIP) scores cos(O, Linear(normalize(P) / 2)) / exp(log_scale) instead,
-with log_scale starting at -log(10) and the projection's bias at 0: the dot product let glip-nano's text
-vectors collapse into one direction (issue #12); the parameter names and what each strategy trains stay GLIP's.
+`score="cosine"` (an ablation option of issue #12; neither GLIP nor glip-nano v2 uses it) scores cos(O, Linear(normalize(P) / 2)) / exp(log_scale) instead,
+with log_scale starting at -log(10) and the projection's bias at 0: meant against the collapse of glip-nano's
+text vectors, it named worse than the dot product in the ablations (model card); the parameter names and what each strategy trains stay GLIP's.
 """
 from __future__ import annotations
 
