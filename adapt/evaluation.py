@@ -22,6 +22,9 @@ from backbone.outputs import Detections
 from backbone.processor import CategoryPrompt
 from tasks.evaluate import detections_to_results, evaluate_detections
 
+# The figures a run is judged by: COCO AP/AP50 and whether the right name wins (see naming_rate, name_blind_floor).
+HEADLINE_METRICS = ("AP", "AP50", "hit_rate", "naming_rate", "name_blind_floor_AP50")
+
 
 def task_prompt(categories, use_descriptions: bool = True) -> list[CategoryPrompt]:
     """The detector prompt of a task's categories (prefix/phrase/suffix as the task defines them)."""

@@ -91,11 +91,10 @@ def build_pretraining(config: PretrainConfig):
 
 
 def evaluate_protocol(detector, dataset, protocol: str, limit: int | None) -> dict:
-    from adapt.evaluation import evaluate
+    from adapt.evaluation import HEADLINE_METRICS, evaluate
 
     metrics = evaluate(detector, dataset, protocol, limit=limit)
-    keys = ("AP", "AP50", "hit_rate", "naming_rate", "name_blind_floor_AP50")
-    return {key: metrics[key] for key in keys if key in metrics}
+    return {key: metrics[key] for key in HEADLINE_METRICS if key in metrics}
 
 
 def pretrain(config: PretrainConfig) -> dict:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 DOWNSTREAM = ["icons-aquarium", "icons-vehicles", "icons-thermal", "icons-aerial", "icons-described"]
 HELDIN_PROTOCOLS = ("per-image-16", "all-chunked-40", "all-chunked")
-REPORTED = ("AP", "AP50", "hit_rate", "naming_rate", "name_blind_floor_AP50")
 
 
 def render(detector, dataset, out: Path, count: int = 4) -> None:
@@ -54,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from adapt.evaluation import evaluate
+    from adapt.evaluation import HEADLINE_METRICS, evaluate
     from backbone.detector import GLIPDetector
     from glip_io import atomic_write
     from tasks import get_task
@@ -70,13 +69,13 @@ def main() -> None:
         for protocol in args.protocols:
             started = time.perf_counter()
             metrics = evaluate(detector, heldin, protocol)
-            row[f"heldin/{protocol}"] = {key: round(metrics[key], 2) for key in REPORTED if key in metrics}
+            row[f"heldin/{protocol}"] = {key: round(metrics[key], 2) for key in HEADLINE_METRICS if key in metrics}
             row[f"heldin/{protocol}"]["seconds"] = round(time.perf_counter() - started, 1)
             print(f"{name} icons-heldin {protocol}: " + describe(metrics), flush=True)
         for task in [] if args.no_zero_shot else DOWNSTREAM:
             split = get_task(task, data_root=args.data_root).split("test")
             metrics = evaluate(detector, split, "task")
-            row[f"zero-shot/{task}"] = {key: round(metrics[key], 2) for key in REPORTED if key in metrics}
+            row[f"zero-shot/{task}"] = {key: round(metrics[key], 2) for key in HEADLINE_METRICS if key in metrics}
             print(f"{name} zero-shot {task}: " + describe(metrics), flush=True)
         if not args.no_zero_shot:
             zero_shot = [row[f"zero-shot/{task}"]["AP"] for task in DOWNSTREAM]
