@@ -165,3 +165,17 @@ def test_detect_on_a_real_gpu(dtype):
     assert gpu_dets.boxes.device.type == "cpu" and len(gpu_dets) > 0
     tolerance = 1e-4 if dtype == "float32" else 0.02
     assert abs(float(gpu_dets.scores[0]) - float(cpu.scores[0])) < tolerance
+
+
+def test_stochastic_rounding_lands_on_bf16_neighbours_without_bias():
+    """The precision floor's stochastic roundings (backbone/verify.py): each value becomes one of its two bf16
+    neighbours, the nearer one more often, and the mean over many draws keeps the float32 value."""
+    from backbone.verify import round_stochastically
+
+    value = torch.full((20000,), 1.0 + 2.0**-10)  # a quarter of the way from 1 to the next bf16 value, 1 + 2^-7
+    rounded = round_stochastically(value, torch.bfloat16, torch.Generator().manual_seed(0))
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert float((rounded > 1).float().mean()) == pytest.approx(0.125, abs=0.01)
+    assert float(rounded.double().mean()) == pytest.approx(1.0 + 2.0**-10, abs=2e-5)
+    exact = torch.tensor([0.5, -3.0, 0.0])  # already bf16 values stay put
+    assert torch.equal(round_stochastically(exact, torch.bfloat16, torch.Generator().manual_seed(0)), exact)
