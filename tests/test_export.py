@@ -246,7 +246,7 @@ def test_glip_nano_task_onnx_matches_pytorch(nano, strategy):
     # 256x256 as rendered, and 300x200, which the 256-px rule resizes to 171x256: not a multiple of 32
     for image in (scene, scene.resize((300, 200))):
         [theirs], [ours] = reference.detect(image), exported.detect(image)
-        assert len(theirs) >= 50
+        assert len(theirs) >= 20  # enough to compare (the v2 base keeps 30 above the threshold on this scene)
         assert_same_detections(ours, theirs)
 
 
