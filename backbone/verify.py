@@ -207,7 +207,7 @@ def verify_case(case_dir: str | Path, threads: int | None = 2, device: str | Non
                                      1e-6, f"{tuple(ref['input.image'].shape[-2:])}"))
 
     reduced = dtype != torch.float32
-    measure = CaseMeasurement(model, config, tokens, ref, described, device, reduced)
+    measure = CaseMeasurement(model, config, tokens, ref, described, device, reduced, n, original_hw, unpadded_hw)
     ours = measure(dtype)
     if not reduced:
         tolerances, floor = dict(TOLERANCES), None
@@ -278,15 +278,16 @@ class CaseMeasurement:
     described: dict
     device: torch.device
     reduced: bool  # judged by the reduced-precision rule (also the float32 floor run of a reduced check)
+    num_tokens: int  # real prompt tokens
+    original_hw: tuple[int, int]
+    unpadded_hw: tuple[int, int]  # the network input before padding
 
     def __call__(self, dtype: torch.dtype) -> dict[str, float]:
         from backbone.postprocess import Postprocessor, phrase_probabilities
         from backbone.processor import rescale_boxes
 
         model, config, tokens, ref, device = self.model, self.config, self.tokens, self.ref, self.device
-        n = int(ref["lang.attention_mask"].sum())
-        original_hw = tuple(self.described.get("original_image_hw", ref["input.image"].shape[-2:]))
-        unpadded_hw = tuple(self.described.get("network_input_hw_unpadded", original_hw))
+        n, original_hw, unpadded_hw = self.num_tokens, self.original_hw, self.unpadded_hw
         with torch.no_grad(), autocast(device, dtype):
             prompt_features = model.encode_prompt(tokens.input_ids.to(device), tokens.attention_mask.to(device))
             # the reference network input, to isolate the model from any pre-processing difference

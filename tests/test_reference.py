@@ -59,6 +59,8 @@ def test_bf16_autocast_passes_within_the_case_precision_floor(case):
     for stage in ("bert", "backbone", "fpn", "dyhead", "head"):
         assert checks[stage].worst > 1e-4  # it really ran in bf16: far above the float32 noise floor
         assert "precision floor" in checks[stage].detail
+    if case == "glip_a":  # without fusion, bf16 keeps most detections by the reduced-precision rule
+        assert int(checks["detections: unmatched reference"].detail.split("/")[0]) >= 85
 
 
 def test_bf16_check_still_rejects_an_error_above_the_precision_floor(monkeypatch):
