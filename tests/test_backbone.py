@@ -268,3 +268,44 @@ def test_im2col_deformable_conv_matches_torchvision(stride):
     expected = modulated_deform_conv(x, offset, mask, weight, bias, stride, impl="torchvision")
     ours = modulated_deform_conv(x, offset, mask, weight, bias, stride, impl="im2col")
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_factored_fusion_attention_equals_the_direct_order_with_gradients():
+    from backbone.fusion import BiMultiHeadAttention
+    torch.manual_seed(0)
+    attn = BiMultiHeadAttention(visual_dim=32, text_dim=24, embed_dim=64, num_heads=4, dropout=0.0).double().train()
+    for parameter in attn.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)  # non-zero biases, so the bias terms are exercised
+    visual = torch.randn(2, 150, 32, dtype=torch.double, requires_grad=True)
+    text = torch.randn(2, 6, 24, dtype=torch.double, requires_grad=True)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
+    inputs = [visual, text, *attn.parameters()]
+    results = []
+    for forward in (attn._forward_direct, attn._forward_factored):
+        delta_visual, delta_text = forward(visual, text, mask)
+        loss = (delta_visual * torch.linspace(-1, 1, 32, dtype=torch.double)).sum() + (delta_text ** 2).sum()
+        results.append((delta_visual, delta_text, *torch.autograd.grad(loss, inputs)))
+    for direct, factored in zip(*results):
+        torch.testing.assert_close(factored, direct, rtol=1e-9, atol=1e-9)
+
+
+def test_lora_wrapped_fusion_projections_keep_their_update():
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from backbone.fusion import BiMultiHeadAttention
+    torch.manual_seed(0)
+    attn = BiMultiHeadAttention(visual_dim=32, text_dim=24, embed_dim=64, num_heads=4, dropout=0.0).double().eval()
+    merged = copy.deepcopy(attn)
+    targets = ["v_proj", "values_v_proj", "out_v_proj"]
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=targets), attn)
+    for name in targets:  # a trained adapter: B != 0, merged by hand into the plain copy (scale alpha / r = 2)
+        layer = getattr(attn, name)
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+        delta = 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        getattr(merged, name).weight.data += delta.to(torch.double)
+    attn.double()
+    visual, text = torch.randn(1, 40, 32, dtype=torch.double), torch.randn(1, 5, 24, dtype=torch.double)
+    for got, want in zip(attn(visual, text, None), merged(visual, text, None)):
+        torch.testing.assert_close(got, want)
