@@ -2,8 +2,8 @@
 
     python benchmarks/curves.py --preset quick --out benchmarks/results/curves-quick
     # full: two 1-thread shards in parallel, then merge
-    python benchmarks/curves.py --preset full --threads 1 --shard 0/2 --out runs/curves-full-0 &
-    python benchmarks/curves.py --preset full --threads 1 --shard 1/2 --out runs/curves-full-1
+    python benchmarks/curves.py --preset full --threads 1 --dtype bfloat16 --shard 0/2 --out runs/curves-full-0 &
+    python benchmarks/curves.py --preset full --threads 1 --dtype bfloat16 --shard 1/2 --out runs/curves-full-1
     python benchmarks/curves.py --combine runs/curves-full-0 runs/curves-full-1 --out benchmarks/results/curves-full
 
 Writes results.csv (one row per run), table.md and curves.png into --out; resumable (finished runs in
