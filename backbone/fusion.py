@@ -45,6 +45,12 @@ class BiMultiHeadAttention(nn.Module):
             return self._forward_factored(visual, text, text_mask)
         return self._forward_direct(visual, text, text_mask)
 
+    def _weights_over_text(self, logits: Tensor, text_mask: Tensor | None) -> Tensor:
+        """Visual queries' attention over the text tokens; logits (B, ·, ·, T) in either path's layout."""
+        if text_mask is not None:  # padding tokens get no weight (always masked: testing for padding is a host sync)
+            logits = logits.masked_fill(~text_mask[:, None, None, :].bool(), float("-inf"))
+        return F.dropout(logits.softmax(-1), self.dropout, self.training)
+
     def _forward_direct(self, visual: Tensor, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """The official order: project every visual token to embed_dim, then attend per head."""
         batch, num_visual, _ = visual.shape
@@ -58,10 +64,7 @@ class BiMultiHeadAttention(nn.Module):
         # of the official code never bind in fp32, and subtracting the row max before the text-side softmax is
         # what softmax does anyway.
         logits = query @ key.transpose(-1, -2)
-        visual_logits = logits
-        if text_mask is not None:  # padding tokens get no weight (always masked: testing for padding is a host sync)
-            visual_logits = logits.masked_fill(~text_mask[:, None, None, :].bool(), float("-inf"))
-        weights_visual = F.dropout(visual_logits.softmax(-1), self.dropout, self.training)
+        weights_visual = self._weights_over_text(logits, text_mask)
         delta_visual = weights_visual @ value_text  # (B, h, Nv, hd)
         # Text queries attend over all visual tokens of all levels (padded image area included, as upstream).
         weights_text = F.dropout(logits.transpose(-1, -2).softmax(-1), self.dropout, self.training)
@@ -88,10 +91,7 @@ class BiMultiHeadAttention(nn.Module):
         key_bias = torch.einsum("hd,bhtd->bht", self.v_proj.bias.view(heads, head_dim), key)
         logits = torch.baddbmm(key_bias.reshape(batch, 1, heads * tokens), visual, key_in_visual, alpha=self.scale,
                                beta=self.scale).view(batch, num_visual, heads, tokens)
-        visual_logits = logits
-        if text_mask is not None:  # padding tokens get no weight (always masked: testing for padding is a host sync)
-            visual_logits = logits.masked_fill(~text_mask[:, None, None, :].bool(), float("-inf"))
-        weights_visual = F.dropout(visual_logits.softmax(-1), self.dropout, self.training)  # (B, Nv, h, T)
+        weights_visual = self._weights_over_text(logits, text_mask)  # (B, Nv, h, T)
         # Text queries attend over all visual tokens of all levels (padded image area included, as upstream).
         weights_text = F.dropout(logits.softmax(1), self.dropout, self.training)  # (B, Nv, h, T), over Nv
         # Δv: the output projection applied to the text values first, (B, h·T, Dv)
