@@ -487,6 +487,7 @@ def main() -> None:
 
     _register_subapps()
     warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's, before its pickle refusal
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line, no source echo
     try:
         app(standalone_mode=True)
     except SystemExit:

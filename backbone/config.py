@@ -70,8 +70,9 @@ class FusionConfig:
 class DyHeadConfig:
     num_layers: int = 6
     deformable: bool = field(default=True, metadata={"help": "modulated deformable 3x3 convs (else plain conv)"})
-    deform_impl: str = field(default="im2col", metadata={
-        "help": "'torchvision' (ops.deform_conv2d) or 'im2col' (grid_sample + matmul; see benchmarks/deform_conv.py)"})
+    deform_impl: str = field(default="gather", metadata={
+        "help": "'torchvision' (ops.deform_conv2d), 'im2col' (grid_sample + matmul; what ONNX export uses) or "
+                "'gather' (embedding_bag + matmul, the fastest on CPU; see benchmarks/deform_conv.py)"})
     group_norm_groups: int = 16
 
 

@@ -47,7 +47,46 @@ def deform_conv_im2col(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, 
     return out.view(batch, -1, out_h, out_w)
 
 
-DEFORM_IMPLEMENTATIONS = ("torchvision", "im2col")
+def deform_conv_gather(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
+                       stride: int) -> Tensor:
+    """The same 3x3 modulated deformable conv (padding 1) as one weighted gather + one matmul.
+
+    Each tap's bilinear sample is a weighted sum of four channel-last rows of x (embedding_bag, the mask
+    folded into the corner weights): a sample reads four contiguous C-vectors next to its pixel, where
+    grid_sample over NCHW strides across all C planes per sample. Corners outside the map get weight 0,
+    the deformable kernel's zero padding. Returns channels-last memory in NCHW shape.
+    """
+    batch, channels, height, width = x.shape
+    out_h, out_w = offset.shape[-2:]
+    # coordinates need float32 at least: bf16 resolves only whole pixels above 128
+    coord = torch.promote_types(offset.dtype, torch.float32)
+    taps = torch.arange(3, device=x.device).to(coord) - 1
+    tap_y, tap_x = torch.meshgrid(taps, taps, indexing="ij")  # kernel positions, row-major like the weight
+    rows = (torch.arange(out_h, device=x.device).to(coord) * stride)[:, None, None] + tap_y.reshape(1, 1, 9)
+    cols = (torch.arange(out_w, device=x.device).to(coord) * stride)[None, :, None] + tap_x.reshape(1, 1, 9)
+    offset = offset.view(batch, 9, 2, out_h, out_w).permute(0, 3, 4, 1, 2)  # (B, out_h, out_w, tap, (dy, dx))
+    sample_y, sample_x = rows + offset[..., 0], cols + offset[..., 1]  # (B, out_h, out_w, 9) pixel coordinates
+    top, left = sample_y.floor(), sample_x.floor()
+    frac_y, frac_x = sample_y - top, sample_x - left
+    corner_y = torch.stack([top, top, top + 1, top + 1], dim=-1)
+    corner_x = torch.stack([left, left + 1, left, left + 1], dim=-1)
+    corner_weight = torch.stack([(1 - frac_y) * (1 - frac_x), (1 - frac_y) * frac_x,
+                                 frac_y * (1 - frac_x), frac_y * frac_x], dim=-1)
+    inside = (corner_y >= 0) & (corner_y <= height - 1) & (corner_x >= 0) & (corner_x <= width - 1)
+    corner_weight = corner_weight * inside * mask.view(batch, 9, out_h, out_w).permute(0, 2, 3, 1)[..., None]
+    image_start = (torch.arange(batch, device=x.device) * (height * width)).view(batch, 1, 1, 1, 1)
+    index = (image_start + corner_y.clamp(0, height - 1).long() * width + corner_x.clamp(0, width - 1).long())
+    table = x.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    columns = F.embedding_bag(index.view(-1, 4), table, per_sample_weights=corner_weight.view(-1, 4).to(table.dtype),
+                              mode="sum")  # (B*out_h*out_w*9, C): rows ordered (pixel, tap)
+    kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * channels)  # (C_out, (tap, C))
+    out = columns.view(batch, out_h * out_w, 9 * channels) @ kernel.t()
+    if bias is not None:  # added after the matmul, so under autocast the bias stays float32 (as in im2col)
+        out = out + bias
+    return out.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+DEFORM_IMPLEMENTATIONS = ("torchvision", "im2col", "gather")
 
 
 def modulated_deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
@@ -65,6 +104,8 @@ def modulated_deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tenso
     if offset.shape[-2:] != (out_h, out_w):
         offset = offset.reshape(batch, -1)[:, : 18 * out_h * out_w].reshape(batch, 18, out_h, out_w)
         mask = mask.reshape(batch, -1)[:, : 9 * out_h * out_w].reshape(batch, 9, out_h, out_w)
+    if impl == "gather":
+        return deform_conv_gather(x, offset, mask, weight, bias, stride)
     if impl == "im2col":
         return deform_conv_im2col(x, offset, mask, weight, bias, stride)
     return torchvision.ops.deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)

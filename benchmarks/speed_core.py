@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="*", default=["float32"], help="float32, bfloat16, float16 (CUDA): each in turn")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "glip-adapt-bench")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument("--deform-impl", default="config", choices=["config", "torchvision", "im2col"])
+    parser.add_argument("--deform-impl", default="config", choices=["config", "torchvision", "im2col", "gather"])
     parser.add_argument("--sizes", nargs="*", type=int, default=[320, 800], help="shorter sides to run")
     parser.add_argument("--worker", nargs=4, metavar=("WEIGHTS", "CASE", "H", "W"), help=argparse.SUPPRESS)
     args = parser.parse_args()

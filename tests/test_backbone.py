@@ -257,17 +257,27 @@ def test_key_table_maps_every_stage():
         map_key("roi_heads.box.weight", True)
 
 
+@pytest.mark.parametrize("impl", ["im2col", "gather"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_im2col_deformable_conv_matches_torchvision(stride):
+def test_deformable_conv_implementations_match_torchvision_with_gradients(stride, impl):
     torch.manual_seed(stride)
-    x = torch.randn(2, 6, 9, 13)
+    x = torch.randn(2, 6, 9, 13, dtype=torch.float64)
     out_h, out_w = (9 + 2 - 3) // stride + 1, (13 + 2 - 3) // stride + 1
-    offset = torch.randn(2, 18, out_h, out_w) * 3  # large offsets: many samples fall outside the map
-    mask = torch.rand(2, 9, out_h, out_w)
-    weight, bias = torch.randn(5, 6, 3, 3), torch.randn(5)
-    expected = modulated_deform_conv(x, offset, mask, weight, bias, stride, impl="torchvision")
-    ours = modulated_deform_conv(x, offset, mask, weight, bias, stride, impl="im2col")
-    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    offset = torch.randn(2, 18, out_h, out_w, dtype=torch.float64) * 3  # large: many samples fall outside the map
+    mask = torch.rand(2, 9, out_h, out_w, dtype=torch.float64)
+    weight, bias = torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    upstream = torch.randn(2, 5, out_h, out_w, dtype=torch.float64)
+
+    def run(which):
+        inputs = [t.clone().requires_grad_() for t in (x, offset, mask, weight, bias)]
+        out = modulated_deform_conv(*inputs[:4], inputs[4], stride, impl=which)
+        return out, torch.autograd.grad((out * upstream).sum(), inputs)
+
+    expected, expected_grads = run("torchvision")
+    ours, our_grads = run(impl)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    for name, got, want in zip(["x", "offset", "mask", "weight", "bias"], our_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d/d{name}: {m}")
 
 
 def test_factored_fusion_attention_equals_the_direct_order_with_gradients():
