@@ -26,20 +26,27 @@ def timed(fn, runs: int = 3) -> float:
     return statistics.median(timed_runs(fn, runs))
 
 
-def part1() -> None:
-    print("one 3x3 modulated deformable conv, 256 -> 256 channels (median of 3):")
+def part1(rounds: int = 5) -> None:
+    print(f"one 3x3 modulated deformable conv, 256 -> 256 channels (median of {rounds} interleaved rounds):")
     for height, width in [(100, 168), (50, 84), (25, 42)]:
         x = torch.randn(1, 256, height, width)
         weight, bias = torch.randn(256, 256, 3, 3) * 0.02, torch.randn(256)
         offset, mask = torch.randn(1, 18, height, width), torch.rand(1, 9, height, width)
         plain = torch.nn.Conv2d(256, 256, 3, padding=1)
+        calls = {impl: (lambda impl=impl: modulated_deform_conv(x, offset, mask, weight, bias, 1, impl))
+                 for impl in ("torchvision", "im2col", "gather")}
+        calls["plain conv"] = lambda: plain(x)
+        times = {name: [] for name in calls}
         with torch.no_grad():
-            tv = timed(lambda: modulated_deform_conv(x, offset, mask, weight, bias, 1, "torchvision"))
-            im2col = timed(lambda: modulated_deform_conv(x, offset, mask, weight, bias, 1, "im2col"))
-            gather = timed(lambda: modulated_deform_conv(x, offset, mask, weight, bias, 1, "gather"))
-            conv = timed(lambda: plain(x))
-        print(f"  {height:>3}x{width:<3}  torchvision {tv * 1000:7.1f} ms   im2col {im2col * 1000:7.1f} ms   "
-              f"gather {gather * 1000:7.1f} ms   plain conv {conv * 1000:6.1f} ms")
+            for call in calls.values():
+                call()  # warm-up
+            for _ in range(rounds):  # each round runs every implementation, so drift hits them alike
+                for name, call in calls.items():
+                    started = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - started)
+        print(f"  {height:>3}x{width:<3}  " + "   ".join(f"{name} {statistics.median(runs) * 1000:7.1f} ms"
+                                                        for name, runs in times.items()))
 
 
 def part2() -> None:
