@@ -34,6 +34,7 @@ from adapt import STRATEGY_NAMES, __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
 from adapt.adapter import Adapter, apply_adapter, base_fingerprint, load_adapter, read_merged, read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
+from backbone.dyhead import use_deform_impl
 from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
 from backbone.postprocess import phrase_probabilities
@@ -163,7 +164,7 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
                           f"{max(-(-size[0] // 32), 1) * 32}x{max(-(-size[1] // 32), 1) * 32}")
     model, adapter = load_task(adapter_path, base)
     height, width = size or default_size(model)
-    _use_im2col(model)
+    use_deform_impl(model, "im2col")  # torchvision's deform_conv2d has no ONNX op; im2col exports as GridSample
     graph = TaskGraph(model, adapter, EXPORT_DTYPES[dtype]).eval()
     example = torch.zeros(1, 3, height, width)
     axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "boxes": {0: "batch", 1: "anchors"},
@@ -185,13 +186,6 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
     shape = (("batch", 3, "height", "width") if dynamic else (1, 3, height, width))
     return ExportResult(path=out, bytes=out.stat().st_size, strategy=adapter.strategy, task=adapter.task,
                         input_shape=shape, opset=opset, dtype=dtype, seconds=time.perf_counter() - started)
-
-
-def _use_im2col(model: GLIP) -> None:
-    """Deformable DyHeads export through im2col (torchvision's deform_conv2d has no ONNX op)."""
-    for module in model.modules():
-        if getattr(module, "deformable", False) and getattr(module, "deform_impl", "im2col") != "im2col":
-            module.deform_impl = "im2col"  # same function as torchvision's kernel (see backbone/dyhead.py)
 
 
 def task_metadata(model: GLIP, adapter: Adapter, *, dtype: str, opset: int, dynamic: bool,

@@ -20,6 +20,19 @@ def h_sigmoid(x: Tensor) -> Tensor:
     return F.relu6(x + 3.0) / 6.0
 
 
+def _tap_sample_coordinates(offset: Tensor, stride: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates (y, x), each (B, 9, out_h, out_w), of every tap's sample: output pixel x stride +
+    kernel position + the learnt (dy, dx), laid out per tap as in the CUDA kernel. Integer ranges are cast to
+    `dtype` (ONNX Range has no float16; identical values in float32)."""
+    batch, _, out_h, out_w = offset.shape
+    taps = torch.arange(3, device=offset.device).to(dtype) - 1
+    tap_y, tap_x = torch.meshgrid(taps, taps, indexing="ij")  # kernel positions, row-major like the weight
+    rows = (torch.arange(out_h, device=offset.device).to(dtype) * stride)[None, :, None] + tap_y.reshape(9, 1, 1)
+    cols = (torch.arange(out_w, device=offset.device).to(dtype) * stride)[None, None, :] + tap_x.reshape(9, 1, 1)
+    offset = offset.view(batch, 9, 2, out_h, out_w)
+    return rows + offset[:, :, 0], cols + offset[:, :, 1]
+
+
 def deform_conv_im2col(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
                        stride: int) -> Tensor:
     """The same 3x3 modulated deformable conv (padding 1) as bilinear sampling + one matmul.
@@ -29,14 +42,7 @@ def deform_conv_im2col(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, 
     """
     batch, channels, height, width = x.shape
     out_h, out_w = offset.shape[-2:]
-    # Integer ranges cast to x's dtype (ONNX Range has no float16; identical values in float32).
-    taps = torch.arange(3, device=x.device).to(x.dtype) - 1
-    tap_y, tap_x = torch.meshgrid(taps, taps, indexing="ij")  # kernel positions, row-major like the weight
-    rows = (torch.arange(out_h, device=x.device).to(x.dtype) * stride)[None, :, None] + tap_y.reshape(9, 1, 1)
-    cols = (torch.arange(out_w, device=x.device).to(x.dtype) * stride)[None, None, :] + tap_x.reshape(9, 1, 1)
-    offset = offset.view(batch, 9, 2, out_h, out_w)  # (dy, dx) per tap, as in the CUDA kernel
-    sample_y = rows + offset[:, :, 0]  # (B, 9, out_h, out_w) pixel coordinates
-    sample_x = cols + offset[:, :, 1]
+    sample_y, sample_x = _tap_sample_coordinates(offset, stride, x.dtype)
     grid = torch.stack([(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1)
     columns = F.grid_sample(x, grid.view(batch, 9 * out_h, out_w, 2), mode="bilinear", padding_mode="zeros",
                             align_corners=False)  # (B, C, 9*out_h, out_w)
@@ -59,13 +65,8 @@ def deform_conv_gather(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, 
     batch, channels, height, width = x.shape
     out_h, out_w = offset.shape[-2:]
     # coordinates need float32 at least: bf16 resolves only whole pixels above 128
-    coord = torch.promote_types(offset.dtype, torch.float32)
-    taps = torch.arange(3, device=x.device).to(coord) - 1
-    tap_y, tap_x = torch.meshgrid(taps, taps, indexing="ij")  # kernel positions, row-major like the weight
-    rows = (torch.arange(out_h, device=x.device).to(coord) * stride)[:, None, None] + tap_y.reshape(1, 1, 9)
-    cols = (torch.arange(out_w, device=x.device).to(coord) * stride)[None, :, None] + tap_x.reshape(1, 1, 9)
-    offset = offset.view(batch, 9, 2, out_h, out_w).permute(0, 3, 4, 1, 2)  # (B, out_h, out_w, tap, (dy, dx))
-    sample_y, sample_x = rows + offset[..., 0], cols + offset[..., 1]  # (B, out_h, out_w, 9) pixel coordinates
+    coordinates = _tap_sample_coordinates(offset, stride, torch.promote_types(offset.dtype, torch.float32))
+    sample_y, sample_x = (c.permute(0, 2, 3, 1) for c in coordinates)  # (B, out_h, out_w, 9): rows (pixel, tap)
     top, left = sample_y.floor(), sample_x.floor()
     frac_y, frac_x = sample_y - top, sample_x - left
     corner_y = torch.stack([top, top, top + 1, top + 1], dim=-1)
@@ -130,6 +131,15 @@ class Conv3x3Norm(nn.Module):
         else:
             x = self.conv(x)
         return self.bn(x)
+
+
+def use_deform_impl(model: nn.Module, impl: str) -> None:
+    """Run every deformable conv under `model` through `impl` (each computes the same conv)."""
+    if impl not in DEFORM_IMPLEMENTATIONS:
+        raise ValueError(f"deform_impl {impl!r}: choose one of {DEFORM_IMPLEMENTATIONS}")
+    for module in model.modules():
+        if isinstance(module, Conv3x3Norm):
+            module.deform_impl = impl
 
 
 class DyReLU(nn.Module):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from backbone.dyhead import modulated_deform_conv
+from backbone.dyhead import modulated_deform_conv, use_deform_impl
 
 from timing import timed_runs  # benchmarks/timing.py, beside this script
 
@@ -97,9 +97,7 @@ def part3(dtype_name: str, rounds: int) -> None:
     pixels = torch.randn(1, 3, 800, 1344, generator=torch.Generator().manual_seed(0))
 
     def forward(impl: str):
-        for module in model.modules():
-            if hasattr(module, "deform_impl"):
-                module.deform_impl = impl
+        use_deform_impl(model, impl)
         with torch.no_grad(), autocast(torch.device("cpu"), dtype):
             return model(model.encode_prompt(prompt.input_ids, prompt.attention_mask), pixels, [(800, 1333)])
 

@@ -40,6 +40,7 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
 
     from backbone.detector import split_prompt
     from backbone.device import autocast, resolve_device, resolve_dtype
+    from backbone.dyhead import use_deform_impl
     from backbone.model import GLIP
     from backbone.postprocess import Postprocessor
     from backbone.processor import GLIPProcessor
@@ -49,9 +50,7 @@ def worker(weights: str, case: str, height: int, width: int, runs: int, threads:
     compute_dtype = resolve_dtype(dtype, device)
     model = GLIP.from_pretrained(weights).eval().to(device)
     if deform_impl != "config":  # override the checkpoint config's choice, to compare implementations
-        for module in model.modules():
-            if hasattr(module, "deform_impl"):
-                module.deform_impl = deform_impl
+        use_deform_impl(model, deform_impl)
     deform_impl = model.config.dyhead.deform_impl if deform_impl == "config" else deform_impl
     processor = GLIPProcessor.from_config(model.config)
     postprocessor = Postprocessor.from_config(model.config)
