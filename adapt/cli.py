@@ -60,15 +60,18 @@ def convert(
     target: Annotated[Path, typer.Argument(help="output .safetensors (our key names, config in the header)")],
 ) -> None:
     """Convert an official GLIP checkpoint into this toolkit's safetensors format (strict)."""
-    from backbone.convert import CheckpointMismatchError, convert_file
+    from backbone.checkpoints import save_model
+    from backbone.convert import CheckpointMismatchError
+    from backbone.model import GLIP
 
     if not source.exists():
         fail(f"{source} does not exist")
     try:
-        config = convert_file(source, target)
+        model = GLIP.from_pretrained(source)
     except CheckpointMismatchError as error:
         fail(str(error))
-    typer.echo(f"wrote {target} ({config.name}, {target.stat().st_size / 2**20:.1f} MiB)")
+    save_model(model, target, source=str(source))
+    typer.echo(f"wrote {target} ({model.config.name}, {target.stat().st_size / 2**20:.1f} MiB)")
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """The frozen GLIP core: a faithful pure-PyTorch GLIP that loads the official checkpoints.
 
-Knows nothing about adapters or datasets. See `GLIP` (model + hooks) and `GLIPDetector` (detect API).
+Knows nothing about adapters or datasets. See `GLIP` (model + hooks; `GLIP.from_pretrained` loads every kind of
+checkpoint) and `GLIPDetector` (detect API).
 """
 from backbone.checkpoints import CHECKPOINTS, list_checkpoints
 from backbone.config import GLIPConfig, get_preset
@@ -8,8 +9,4 @@ from backbone.model import GLIP
 from backbone.outputs import Detections, HeadOutputs, PromptFeatures, VisualFeatures
 
 __all__ = ["CHECKPOINTS", "GLIP", "GLIPConfig", "Detections", "HeadOutputs", "PromptFeatures", "VisualFeatures",
-           "get_preset", "list_checkpoints", "load_glip"]
-
-
-def load_glip(name_or_path: str = "glip-nano", **kwargs) -> GLIP:
-    return GLIP.from_pretrained(name_or_path, **kwargs)
+           "get_preset", "list_checkpoints"]

@@ -1,7 +1,9 @@
-"""Named checkpoints and loading: embedded glip-nano weights, official .pth files, converted safetensors, the Hub.
+"""Named checkpoints and their files: embedded glip-nano weights, official .pth files, converted safetensors, the Hub.
 
 A flat table, timm `default_cfgs` style: name -> where the weights are and which preset they fit.
 Converted/embedded files are safetensors whose header metadata carries the model config as JSON.
+This module finds and reads files; it never builds a model (`GLIP.from_pretrained` does, with these readers),
+so loading does not import the model back.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from glip_io import atomic_write
 from backbone.config import GLIPConfig
@@ -74,61 +76,49 @@ def save_model(model, path: str | Path, *, exclude_prefix: str | None = None, dt
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
-def load_converted(path: str | Path, with_text: bool = True, skip_text_keys: bool = False):
-    """A GLIP from a safetensors file written by `save_model` (strict)."""
-    from safetensors.torch import load_file
-
-    from backbone.model import GLIP
-
-    path = Path(path)
+def read_safetensors_header(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (any safetensors file, not only models)."""
     try:
-        metadata = read_metadata(path)
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
     except Exception as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
-    if "config" not in metadata:
-        raise ValueError(f"{path} has no GLIP config in its metadata: an official-layout file? "
-                         f"convert it first with `adapt convert {path} OUT.safetensors`")
-    config = GLIPConfig.from_dict(json.loads(metadata["config"]))
-    model = GLIP.from_config(config, with_text=with_text)
+
+
+def read_config(path: str | Path) -> GLIPConfig | None:
+    """The model config stored by `save_model`, or None for a file without one (e.g. the official layout)."""
+    header = read_safetensors_header(path) if Path(path).suffix == ".safetensors" else {}
+    return GLIPConfig.from_dict(json.loads(header["config"])) if "config" in header else None
+
+
+def read_saved_state(path: str | Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of a `save_model` file for a model whose own state is `expected`, ready for a strict load.
+
+    Tensors the file left out on purpose (`exclude_prefix`) and a language backbone the model was built without
+    are taken from `expected`; tensors are cast to the model's dtypes (a file may store float16).
+    """
     # "adapter.*" tensors ride along in merged single-task models (adapt adapters merge); not model weights.
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("adapter.")}
-    expected = model.state_dict()
-    excluded = metadata.get("excluded_prefix") or None
-    if not with_text:
+    if not any(k.startswith("text.") for k in expected):
         state = {k: v for k, v in state.items() if not k.startswith("text.")}
+    excluded = read_safetensors_header(path).get("excluded_prefix") or None
     if excluded:  # those tensors come from their own source (the packaged text encoder), already loaded
         state.update({k: v for k, v in expected.items() if k.startswith(excluded)})
-    state = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
-    return model
+    return {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_pretrained(name_or_path: str, with_text: bool = True):
-    """GLIP from a checkpoint name (see `list_checkpoints()`), a local .pth/.safetensors, or a Hub file name."""
-    from backbone.convert import infer_config, load_official_into, read_official
-    from backbone.model import GLIP
-
-    path = Path(name_or_path)
-    if name_or_path in CHECKPOINTS and CHECKPOINTS[name_or_path].local_file:
-        local = WEIGHTS_DIR / CHECKPOINTS[name_or_path].local_file
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """The local file for a checkpoint name (see `list_checkpoints()`), a local path, or a Hub file name."""
+    name = str(name_or_path)
+    entry = CHECKPOINTS.get(name)
+    if entry is not None and entry.local_file:
+        local = WEIGHTS_DIR / entry.local_file
         if not local.exists():
             raise FileNotFoundError(f"embedded weights {local} are missing; reinstall glip-adapt or pretrain them "
-                                    f"with `adapt pretrain --preset {name_or_path}`")
-        return load_converted(local, with_text=with_text)
-    if not path.exists():
-        path = _download(name_or_path)
-    if path.suffix == ".safetensors" and "config" in read_metadata(path):
-        return load_converted(path, with_text=with_text)
-    official = read_official(path)
-    config = infer_config(official)
-    model = GLIP.from_config(config)
-    load_official_into(model, official, config)
-    return model
+                                    f"with `adapt pretrain --preset {name}`")
+        return local
+    path = Path(name)
+    return path if path.exists() else _download(name)
 
 
 def _download(name: str) -> Path:

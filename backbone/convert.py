@@ -188,16 +188,3 @@ def _check_dropped(key: str, value: Tensor, expected: dict, strides, anchor_base
 def load_official_into(model: nn.Module, official: dict[str, Tensor], config: GLIPConfig) -> None:
     state = convert_state_dict(official, model, config.fusion.enabled, config.strides, config.head.anchor_base_size)
     model.load_state_dict(state, strict=True)
-
-
-def convert_file(src: str | Path, dst: str | Path) -> GLIPConfig:
-    """Convert an official .pth into a safetensors file with our keys (config stored in its metadata)."""
-    from backbone.checkpoints import save_model
-    from backbone.model import GLIP
-
-    official = read_official(src)
-    config = infer_config(official)
-    model = GLIP.from_config(config)
-    load_official_into(model, official, config)
-    save_model(model, dst, source=str(src))
-    return config

@@ -8,11 +8,15 @@ batch (shared by every prompt). Loss and post-processing live outside the forwar
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from backbone.anchors import grid_anchors
+from backbone.checkpoints import read_config, read_saved_state, resolve_weights
 from backbone.config import GLIPConfig
+from backbone.convert import infer_config, load_official_into, read_official
 from backbone.dyhead import DyHeadTower
 from backbone.fpn import FPN
 from backbone.head import VLHead
@@ -56,11 +60,25 @@ class GLIP(nn.Module):
                    anchor_base_size=config.head.anchor_base_size, deep_fusion=config.fusion.enabled, config=config)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> "GLIP":
-        """Load glip-nano/glip-nano-a (embedded), an official GLIP .pth, a converted .safetensors, or a Hub file."""
-        from backbone.checkpoints import load_pretrained
+    def from_pretrained(cls, name_or_path: str | Path, with_text: bool = True) -> "GLIP":
+        """The one loader: glip-nano/glip-nano-a (embedded), a converted .safetensors (config in its header), an
+        official GLIP .pth (mapped strictly by `backbone.convert`), or a file of the Hub repo GLIPModel/GLIP.
 
-        return load_pretrained(name_or_path, **kwargs)
+        `with_text=False` leaves out the language backbone (for callers that bring their own prompt features).
+        """
+        path = resolve_weights(name_or_path)
+        config = read_config(path)
+        if config is not None:
+            model = cls.from_config(config, with_text=with_text)
+            model.load_state_dict(read_saved_state(path, model.state_dict()), strict=True)
+            return model
+        official = read_official(path)
+        config = infer_config(official)
+        model = cls.from_config(config)
+        load_official_into(model, official, config)
+        if not with_text:
+            model.text = None
+        return model
 
     # --- hooks -------------------------------------------------------------------------------------------
 

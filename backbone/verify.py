@@ -156,7 +156,6 @@ STAGES = ("bert", "backbone", "fpn", "dyhead", "head")
 
 def verify_case(case_dir: str | Path, threads: int | None = 2, device: str | None = "cpu",
                 dtype: str | None = "float32") -> CaseReport:
-    from backbone.convert import infer_config, load_official_into, read_official
     from backbone.model import GLIP
     from backbone.processor import GLIPProcessor
 
@@ -170,11 +169,8 @@ def verify_case(case_dir: str | Path, threads: int | None = 2, device: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "official.safetensors"
         rebuild_weights(case_dir, weights)
-        official = read_official(weights)
-    config = infer_config(official)
-    model = GLIP.from_config(config).eval()
-    load_official_into(model, official, config)
-    del official
+        model = GLIP.from_pretrained(weights).eval()
+    config = model.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model = model.to(device)

@@ -90,9 +90,10 @@ def build_weights(reference: Path, case: str, folder: Path) -> Path:
         official = folder / f"{case}_official.safetensors"
         subprocess.run([sys.executable, "init_weights.py", str((reference / case / "keys.json").resolve()),
                         str(official)], cwd=reference, check=True, capture_output=True)
-        from backbone.convert import convert_file
+        from backbone.checkpoints import save_model
+        from backbone.model import GLIP
 
-        convert_file(official, out)
+        save_model(GLIP.from_pretrained(official), out, source=str(official))
         official.unlink()
     return out
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.task import Category
+from tasks.category import Category
 
 BOX_POLICIES = ("clip", "error")
 _MAX_LISTED = 20

@@ -11,7 +11,8 @@ them by default where present; `Task.prompt(use_descriptions=False)` gives the p
 """
 from __future__ import annotations
 
-from tasks.task import Category, SplitSpec, Task, roboflow_splits
+from tasks.category import Category
+from tasks.task import SplitSpec, Task, roboflow_splits
 
 HUB_REPO = "GLIPModel/GLIP"
 HUB_FOLDER = "odinw_35"

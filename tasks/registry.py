@@ -21,7 +21,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from tasks.task import SPLIT_ALIASES, Category, SplitSpec, Task
+from tasks.category import Category
+from tasks.task import SPLIT_ALIASES, SplitSpec, Task
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _FILE_KEYS = {"name", "data", "categories", "splits", "eval_split", "description"}

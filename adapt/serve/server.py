@@ -112,15 +112,12 @@ def run_ray(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig 
 
 
 def base_config_of(base: str):
-    from backbone.checkpoints import CHECKPOINTS, read_metadata
-    from backbone.config import GLIPConfig, get_preset
+    from backbone.checkpoints import CHECKPOINTS, read_config
+    from backbone.config import get_preset
 
     if base in CHECKPOINTS:
         return get_preset(CHECKPOINTS[base].preset)
-    import json
-
-    meta = read_metadata(base) if str(base).endswith(".safetensors") else {}
-    return GLIPConfig.from_dict(json.loads(meta["config"])) if "config" in meta else None
+    return read_config(base)
 
 
 def processor_for(config, image_size: int | None):

@@ -27,7 +27,8 @@ from tasks.icons.corpus import _atomic_dir, _progress, dataset_info, write_readm
 from tasks.icons.rng import Rng
 from tasks.icons.scene import IconWorld, SceneStyle
 from tasks.icons.split import HELDOUT, Icon, load_category_split
-from tasks.task import Category, Task, roboflow_splits
+from tasks.category import Category
+from tasks.task import Task, roboflow_splits
 
 ICONS_DIR = "icons"
 DEFAULT_SIZES = {"train": 200, "valid": 100, "test": 200}
