@@ -419,9 +419,13 @@ def weight_overrides(adapter: Adapter, base) -> dict[str, Tensor]:
         for key in sorted(k for k in adapter.lora if k.endswith(".lora_A.weight")):
             module = key.removesuffix(".lora_A.weight")
             down, up = adapter.lora[key], adapter.lora[f"{module}.lora_B.weight"]
-            weight = state[f"{module}.weight"]
-            overrides[f"{module}.weight"] = weight + (up.to(weight.dtype) @ down.to(weight.dtype)) * scale
+            overrides[f"{module}.weight"] = fold_lora(state[f"{module}.weight"], down, up, scale)
     return overrides
+
+
+def fold_lora(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """W + scale·B·A: the dense weight a LoRA-wrapped linear layer computes with (peft's merged form)."""
+    return weight + (up.to(weight.dtype) @ down.to(weight.dtype)) * scale
 
 
 def apply_adapter(base, adapter: Adapter) -> None:

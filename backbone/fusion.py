@@ -13,6 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _calls_its_weight(linear: nn.Module) -> bool:
+    """Whether calling `linear` is exactly x·Wᵀ + b with its `.weight` and `.bias`, which the folded order reads
+    directly. A wrapping layer (e.g. peft's LoRA) or a forward hook changes what the call returns, and the folded
+    order would silently skip it: those take the direct order, which calls every projection."""
+    return type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
+
+
 class BiMultiHeadAttention(nn.Module):
     """Visual tokens attend to text tokens and text tokens to visual tokens, through shared logits."""
 
@@ -40,8 +47,7 @@ class BiMultiHeadAttention(nn.Module):
 
     def forward(self, visual: Tensor, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """visual: (B, Nv, Dv); text: (B, T, Dt); text_mask: (B, T), 1 = real token. Returns (Δv, Δl)."""
-        # LoRA (peft) wraps the projections in layers whose weight is not one matrix: those take the direct path.
-        if all(type(linear) is nn.Linear for linear in (self.v_proj, self.values_v_proj, self.out_v_proj)):
+        if all(_calls_its_weight(linear) for linear in (self.v_proj, self.values_v_proj, self.out_v_proj)):
             return self._forward_factored(visual, text, text_mask)
         return self._forward_direct(visual, text, text_mask)
 

@@ -4,10 +4,10 @@ Data flow per batch (design §4.2): requests that arrive within `batch_window_ms
 are grouped by padded image size; each group's images go through Swin + FPN ONCE (O0 does not depend
 on the task). Prompt-tuning adapters carry their final P0, so their requests, whatever their tasks,
 share one fusion + head pass with per-sample prompts padded to the longest and masked; the language
-backbone never runs (the engine drops it). LoRA requests join that shared pass: their rank-r factors are
-applied unmerged, per group of samples of one adapter, by hooks on the target modules (adapt.serve.lora).
-Linear probes, which replace head tensors, run per adapter through `torch.func.functional_call` with
-their override tensors, so the shared base is never modified. Full fine-tunes are refused. The lorax
+backbone never runs (the engine drops it). Linear probes, which replace head tensors, and LoRA adapters,
+whose rank-r factors are folded into their targets' weights for the pass (adapt.serve.lora), run per
+adapter through `torch.func.functional_call` with those override tensors, so the shared base is never
+modified and LoRA applies on every path of the core exactly as in training. Full fine-tunes are refused. The lorax
 idea of "segments per adapter", on GLIP's seams.
 
 Fault isolation: a group that fails is retried per adapter, so only the adapter that fails on its own
@@ -43,7 +43,7 @@ from PIL import Image
 from torch import Tensor
 
 from adapt.serve.metrics import Metrics, server_metrics
-from adapt.serve.lora import grouped_lora
+from adapt.serve.lora import folded_weights
 from adapt.serve.pool import AdapterPool, LoadedAdapter
 from backbone.device import autocast, resolve_device, resolve_dtype
 from backbone.model import GLIP
@@ -177,6 +177,7 @@ class MultiTenantEngine:
         if not config.keep_text:
             self.base.text = None  # prompt features come from adapters: BERT never runs here
         self.base.to(self.device)
+        self._base_weights = dict(self.base.named_parameters())  # what LoRA updates are folded into
         self.processor = processor or GLIPProcessor.from_config(base.config, max_pixels=config.max_pixels)
         self.postprocessor = postprocessor or Postprocessor.from_config(base.config)
         divisor = max(self.processor.image.size_divisibility, 1)
@@ -425,13 +426,12 @@ class MultiTenantEngine:
         for i, r in enumerate(requests):
             if not r.adapter.shares_base:
                 per_adapter[(r.adapter.name, r.adapter.version)].append(i)
-        segments += [(idx, requests[idx[0]].adapter.overrides) for idx in per_adapter.values()]
+        segments += [(idx, self._overrides(requests[idx[0]].adapter)) for idx in per_adapter.values()]
         results = {}
         for indices, overrides in segments:
             prompt = PromptFeatures.stack([requests[i].adapter.prompt for i in indices])  # (b, T, D)
-            if not overrides:  # prompt tuning and LoRA: one pass, each LoRA sample with its own low-rank term
-                with grouped_lora(self.base, [requests[i].adapter.lora for i in indices]):
-                    outputs = self.base.fuse_and_predict(_select(visual, indices), prompt)
+            if not overrides:  # prompt tuning: one pass, whatever the tasks
+                outputs = self.base.fuse_and_predict(_select(visual, indices), prompt)
             elif any(k.startswith(_VISUAL_PREFIXES) for k in overrides):
                 outputs = torch.func.functional_call(
                     self.base, overrides, (prompt,),
@@ -444,6 +444,12 @@ class MultiTenantEngine:
                 results[i] = _result(requests[i], final)
         for i, result in results.items():
             _resolve(requests[i], result)
+
+    def _overrides(self, adapter: LoadedAdapter) -> dict[str, Tensor]:
+        """The tensors one adapter's group runs with: a linear probe's head tensors, a LoRA's W + scale·B·A."""
+        if adapter.lora is None:
+            return adapter.overrides
+        return {**adapter.overrides, **folded_weights(self._base_weights, adapter.lora)}
 
 
 def _select(visual: VisualFeatures, indices: list[int]) -> VisualFeatures:

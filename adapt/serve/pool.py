@@ -27,6 +27,7 @@ from torch import Tensor
 
 from glip_io import atomic_write
 from adapt.adapter import Adapter, AdapterError, base_fingerprint, load_adapter, weight_overrides
+from adapt.serve.lora import LoRAFactors
 from backbone.outputs import PromptFeatures
 
 SUFFIX = ".safetensors"
@@ -75,20 +76,6 @@ class AdapterQuarantined(AdapterError):
     """An adapter version that failed at run time twice; it is refused until a new version replaces it."""
 
 
-# LoRA factors run unmerged through hooks that assume batch-first inputs: true of every linear layer of the
-# fusion, DyHead and head (tokens (B, N, D), pooled (B, C)), not of Swin's window attention (B * windows, ...).
-LORA_SERVED_PREFIXES = ("dyhead.", "head.")
-
-
-@dataclass
-class LoRAFactors:
-    """One LoRA tenant's low-rank factors, kept at rank r: y = W x + scale * B (A x) per target module."""
-
-    down: dict[str, Tensor]  # module -> A (r, in)
-    up: dict[str, Tensor]  # module -> B (out, r)
-    scale: float  # alpha / r
-
-
 @dataclass
 class LoadedAdapter:
     """An adapter verified against the base and ready to run.
@@ -98,7 +85,8 @@ class LoadedAdapter:
         version: first 16 hex digits of the file's sha256; changes with every new upload.
         adapter: the adapter as read from the file.
         overrides: base-model tensors it replaces (a linear probe's head tensors; {} otherwise).
-        lora: its LoRA factors, applied unmerged per sample (None unless a lora adapter).
+        lora: its LoRA factors at rank r, folded into its targets' weights only while its group runs (None
+            unless a lora adapter).
         nbytes: bytes held by its tensors (what the LRU bound counts).
         stamp: (inode, size, mtime_ns) of the file it was read from.
         load_seconds: time to read, verify and attach it.
@@ -115,8 +103,8 @@ class LoadedAdapter:
 
     @property
     def shares_base(self) -> bool:
-        """Whether its requests run in the batch's shared pass (prompt tuning, and LoRA through its hooks)."""
-        return not self.overrides
+        """Whether its requests run in the batch's shared pass (prompt tuning): it changes no base weight."""
+        return not self.overrides and self.lora is None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -290,11 +278,6 @@ class AdapterPool:
         lora = None
         if adapter.strategy == "lora":
             targets = adapter.lora_config["target_modules"]
-            outside = [t for t in targets if not t.startswith(LORA_SERVED_PREFIXES)]
-            if outside:
-                raise AdapterError(f"adapter {name!r} puts LoRA on {outside[0]!r}, outside the fusion, DyHead and "
-                                   "head that the server runs per sample; serve it merged as its own model "
-                                   "(`adapt adapters merge`)")
             scale = float(adapter.lora_config["alpha"]) / float(adapter.lora_config["r"])
             lora = LoRAFactors({t: adapter.lora[f"{t}.lora_A.weight"].to(self.device) for t in targets},
                                {t: adapter.lora[f"{t}.lora_B.weight"].to(self.device) for t in targets}, scale)
