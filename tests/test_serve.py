@@ -330,7 +330,7 @@ def test_full_queue_answers_503_with_retry_after(adapters_dir):
         image, params = engine.prepare(image_bytes()), DetectParams(0.0, 3)
         running = engine.submit("alpha", image, params)
         deadline = time.monotonic() + 10
-        while engine._queue.qsize() and time.monotonic() < deadline:  # wait until the batcher holds it
+        while len(engine._queue) and time.monotonic() < deadline:  # wait until the batcher holds it
             time.sleep(0.01)
         queued = engine.submit("alpha", image, params)  # fills the queue
         r = detect(c, "alpha")
@@ -449,7 +449,7 @@ def test_cli_serve_refuses_bad_settings_before_loading(tmp_path):
 def test_steady_malloc_pins_glibc_allocator_settings():
     import platform
 
-    from adapt.serve.server import steady_malloc
+    from adapt.serve.allocator import steady_malloc
 
     # On glibc the settings must take (mallopt returns 1); elsewhere the call reports that it did nothing.
     assert steady_malloc() is (platform.libc_ver()[0] == "glibc")

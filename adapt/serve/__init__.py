@@ -7,15 +7,16 @@
 
 The HTTP and Ray layers are imported on first use, so the engine needs neither FastAPI nor Ray.
 """
+from adapt.serve.admission import QueueFull, TenantOverShare
 from adapt.serve.engine import (DeadlineExceeded, DetectParams, DetectResult, EngineConfig, ImageTooLarge,
-                                InvalidImage, MultiTenantEngine, PreparedImage, QueueFull)
+                                InvalidImage, MultiTenantEngine, PreparedImage)
 from adapt.serve.pool import AdapterPool, InvalidAdapterName, LoadedAdapter, UnknownAdapter, validate_name
 from adapt.serve.tenancy import Tenancy, Tenant, hash_key, new_key
 
 __all__ = ["AdapterPool", "DeadlineExceeded", "DetectParams", "DetectResult", "EngineConfig", "HTTPLimits",
            "ImageTooLarge", "InvalidAdapterName", "InvalidImage", "LoadedAdapter", "MultiTenantEngine",
-           "PreparedImage", "QueueFull", "Tenancy", "Tenant", "UnknownAdapter", "create_app", "hash_key",
-           "new_key", "run_http", "serve_engine", "validate_name"]
+           "PreparedImage", "QueueFull", "Tenancy", "Tenant", "TenantOverShare", "UnknownAdapter", "create_app",
+           "hash_key", "new_key", "run_http", "serve_engine", "validate_name"]
 
 _LAZY = {"create_app": "adapt.serve.app", "serve_engine": "adapt.serve.app", "HTTPLimits": "adapt.serve.app",
          "run_http": "adapt.serve.server"}

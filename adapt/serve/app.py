@@ -9,9 +9,12 @@ Routes (JSON everywhere, errors as {"error": {"code", "message"}}):
     GET    /v1/adapters              admin: every adapter with its version, strategy and status (ok/refused/quarantined)
     GET    /metrics                  Prometheus text (admin key unless the server is open: it names tasks)
     GET    /                         the web page (adapt/serve/static: plain HTML/JS/CSS, no build step, no CDN)
+    GET    /docs                     Swagger UI, only with `docs=True` (it loads its scripts from a CDN)
 
-The app owns HTTP concerns only (auth, body limits, parsing, status codes); everything else goes
-through a `Backend`, so the same app serves `EngineBackend` (one process) and the Ray Serve ingress.
+The app owns HTTP concerns only (auth, body limits, parsing, status codes, security headers); everything
+else goes through a `Backend`, so the same app serves `EngineBackend` (one process) and the Ray Serve
+ingress. Paths match exactly: no trailing-slash redirect (a redirect would be built from the client's
+Host header). The read timeouts of `HTTPLimits` are enforced by the server's protocol (adapt.serve.server).
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ import binascii
 import json
 import logging
 import math
+import re
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,17 +35,21 @@ import numpy as np
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from adapt.adapter import AdapterError
+from adapt.serve.admission import QueueFull, TenantOverShare
 from adapt.serve.engine import (AdapterFailed, DeadlineExceeded, DetectParams, DetectResult, EngineStopped,
-                                ImageTooLarge, InvalidImage, MultiTenantEngine, PreparedImage, QueueFull)
+                                ImageTooLarge, InvalidImage, MultiTenantEngine, PreparedImage)
 from adapt.serve.metrics import CONTENT_TYPE, Metrics, add_http_metrics
 from adapt.serve.pool import AdapterQuarantined, InvalidAdapterName, UnknownAdapter, validate_name
 from adapt.serve.schemas import (AdapterInfo, AdapterList, Deleted, DetectForm, DetectJSON, DetectResponse,
@@ -51,12 +59,37 @@ from adapt.serve.tenancy import Tenancy, Tenant
 log = logging.getLogger("adapt.serve")
 STATIC = Path(__file__).parent / "static"
 JSON_MAX_DEPTH = 32  # a detect body is one flat object; json.loads recurses per level (100,000 deep: RecursionError)
+_DETECT_PATH = re.compile(r"/v1/tasks/[^/]+/detect")
+
+# Sent with every response, page and API alike: nothing may frame it or load from elsewhere, no MIME sniffing,
+# no Referer to other sites.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+# Swagger UI (only with docs=True) is FastAPI's page: an inline script, and its bundle from the jsdelivr CDN.
+_DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+             "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+             "frame-ancestors 'none'")
 
 
 @dataclass(frozen=True, kw_only=True)
 class HTTPLimits:
-    max_body_bytes: int = 16 * 2**20  # a detect request (the image plus a little)
-    max_upload_bytes: int = 64 * 2**20  # an adapter upload
+    max_body_bytes: int = field(default=16 * 2**20, metadata={"help": "largest detect request body, bytes"})
+    max_upload_bytes: int = field(default=64 * 2**20, metadata={"help": "largest adapter upload body, bytes"})
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "a client must send a request's headers within this many seconds of connecting (or of its previous "
+                "response), else it gets 408 and the connection is closed"})
+    body_timeout_s: float = field(default=10.0, metadata={
+        "help": "a client must send a request's whole body within this many seconds of its headers, else 408 and "
+                "the connection is closed"})
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_upload_bytes", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"HTTPLimits.{name}={getattr(self, name)} must be positive")
 
 
 class ApiError(Exception):
@@ -75,8 +108,10 @@ class Backend(Protocol):
     async def stop(self) -> None: ...
     def ready(self) -> bool: ...
     def prepare(self, data: bytes) -> PreparedImage: ...  # sync, CPU-bound: run in a thread
-    def check_capacity(self) -> None: ...
-    async def detect(self, task: str, image: PreparedImage, params: DetectParams, timeout_s: float) -> DetectResult: ...
+    # `tenant`: whose share of the queue a request counts against (None: the task is the tenant)
+    def check_capacity(self, tenant: str | None, task: str) -> None: ...
+    async def detect(self, task: str, image: PreparedImage, params: DetectParams, timeout_s: float,
+                     tenant: str | None) -> DetectResult: ...
     def task_names(self) -> list[str]: ...
     def has_task(self, name: str) -> bool: ...
     async def task_infos(self, names: list[str]) -> list[dict]: ...
@@ -106,11 +141,11 @@ class EngineBackend:
     def prepare(self, data: bytes) -> PreparedImage:
         return self.engine.prepare(data)
 
-    def check_capacity(self) -> None:
-        self.engine.check_capacity()
+    def check_capacity(self, tenant, task) -> None:
+        self.engine.check_capacity(tenant, task)
 
-    async def detect(self, task, image, params, timeout_s) -> DetectResult:
-        future = self.engine.submit(task, image, params, deadline_s=timeout_s)
+    async def detect(self, task, image, params, timeout_s, tenant) -> DetectResult:
+        future = self.engine.submit(task, image, params, deadline_s=timeout_s, tenant=tenant)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except asyncio.TimeoutError:
@@ -177,8 +212,13 @@ def to_api_error(error: Exception) -> ApiError:
         return ApiError(413, "image_too_large", str(error))
     if isinstance(error, InvalidImage):
         return ApiError(422, "invalid_image", str(error))
+    if isinstance(error, TenantOverShare):
+        return ApiError(429, "over_share", str(error), {"Retry-After": str(error.retry_after_s)})
     if isinstance(error, QueueFull):
         return ApiError(503, "overloaded", str(error), {"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, ClientDisconnect):
+        return ApiError(408, "request_timeout", "the client closed the connection, or did not send the request "
+                        "within the server's read timeouts", {"Connection": "close"})
     if isinstance(error, DeadlineExceeded):
         return ApiError(504, "deadline_exceeded", str(error))
     if isinstance(error, EngineStopped):
@@ -199,7 +239,9 @@ def to_api_error(error: Exception) -> ApiError:
 
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "malformed JSON", 401: "missing or unknown API key", 403: "not an admin key", 404: "unknown task",
-    413: "body or image too large", 415: "unsupported content type", 422: "invalid image, parameters or adapter",
+    408: "request not received within the read timeouts", 413: "body or image too large",
+    415: "unsupported content type", 422: "invalid image, parameters or adapter",
+    429: "this key has its share of the queue waiting (see Retry-After)",
     503: "queue full (see Retry-After)", 504: "deadline exceeded"}.items()}
 
 _DETECT_BODY = {"requestBody": {"required": True, "content": {
@@ -214,18 +256,20 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 # ------------------------------------------------------------------------------------------------ bodies
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` bytes without reading it all."""
+async def read_body(request: Request, limit: int, setting: str) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes without reading it all; `setting` names the
+    server option that sets the limit, for the message."""
     declared = request.headers.get("content-length")
     if declared is not None and not (declared.isascii() and declared.isdigit()):
         raise ApiError(400, "invalid_header", f"Content-Length must be a number of bytes, got {declared[:40]!r}")
+    over = f"the server's limit of {limit:,} bytes ({setting})"
     if declared is not None and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"request body of {int(declared):,} bytes exceeds {limit:,} bytes")
+        raise ApiError(413, "body_too_large", f"request body of {int(declared):,} bytes exceeds {over}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "body_too_large", f"request body exceeds {limit:,} bytes")
+            raise ApiError(413, "body_too_large", f"request body exceeds {over}")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -245,14 +289,12 @@ async def _form(request: Request, body: bytes) -> dict[str, Any]:
 
 
 def check_json_depth(body: bytes, limit: int = JSON_MAX_DEPTH) -> None:
-    """Refuse (400) JSON nested deeper than `limit` before parsing it (vectorised: a 16 MiB body takes ms).
+    """Refuse (400) JSON nested deeper than `limit` before parsing it (vectorised, so a large body stays cheap).
 
     Brackets are counted outside strings only when the raw count exceeds the limit (base64 has none)."""
     raw = np.frombuffer(body, dtype=np.uint8)
     if _max_depth(raw) <= limit:
         return
-    import re
-
     if _max_depth(np.frombuffer(re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', body), dtype=np.uint8)) > limit:
         raise ApiError(400, "json_too_deep", f"the JSON body nests deeper than {limit} levels; send one flat "
                        "object {'image': base64, 'threshold', 'top_k'}")
@@ -321,8 +363,9 @@ async def parse_detect(request: Request, body: bytes) -> tuple[bytes, DetectPara
 
 
 def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLimits = HTTPLimits(), *,
-               manage_backend: bool = True) -> FastAPI:
-    """The FastAPI app over `backend`; with `manage_backend` its lifespan starts and stops the backend."""
+               manage_backend: bool = True, docs: bool = False) -> FastAPI:
+    """The FastAPI app over `backend`; with `manage_backend` its lifespan starts and stops the backend; with
+    `docs` it serves Swagger UI at /docs."""
     tenancy = tenancy or Tenancy()
     metrics = add_http_metrics(backend.metrics)
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -338,8 +381,10 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
             if manage_backend:
                 await backend.stop()
 
-    app = FastAPI(title="glip-adapt server", version="1", lifespan=lifespan,
+    app = FastAPI(title="glip-adapt server", version="1", lifespan=lifespan, redirect_slashes=False,
+                  docs_url="/docs" if docs else None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
                   description="Many task adapters on one shared GLIP, batched across tenants.")
+    app.add_middleware(ResponseGuard, metrics=metrics)
 
     async def tenant(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
                      header_key: str | None = Depends(api_key)) -> Tenant:
@@ -371,37 +416,20 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
     async def _validation_error(_request, error: RequestValidationError):
         return error_response(422, "invalid_request", "; ".join(str(e.get("msg")) for e in error.errors()))
 
-    @app.exception_handler(Exception)
-    async def _internal(_request, error: Exception):
-        api = to_api_error(error)
-        return error_response(api.status, api.code, api.message, api.headers)
-
     @app.post("/v1/tasks/{task}/detect", response_model=DetectResponse, responses=_ERRORS,
               openapi_extra=_DETECT_BODY, summary="Detect the task's categories in one image")
     async def detect(task: str, request: Request, who: Tenant = Depends(tenant)):
-        started = time.perf_counter()
-        label = "(unknown)"
-        status = 500
-        try:
-            if not visible(who, task):  # another tenant's task looks exactly like a missing one
-                raise ApiError(404, "unknown_task", f"unknown task {task!r}; GET /v1/tasks lists yours")
-            label = task
-            timeout = request_timeout(request.headers.get("x-timeout-ms"), backend.deadline_s)  # before queueing
-            backend.check_capacity()  # refuse before spending time on decoding
-            body = await read_body(request, limits.max_body_bytes)
-            data, params = await parse_detect(request, body)
-            image = await run_in_threadpool(backend.prepare, data)
-            result = await backend.detect(task, image, params, timeout)
-            status = 200
-            return result.to_dict()
-        except Exception as error:
-            api = to_api_error(error)
-            status = api.status
-            raise api from None
-        finally:
-            metrics.inc("adapt_requests_total", task=label, code=str(status))
-            if status == 200:
-                metrics.observe("adapt_request_seconds", time.perf_counter() - started, task=label)
+        if not visible(who, task):  # another tenant's task looks exactly like a missing one
+            raise ApiError(404, "unknown_task", f"unknown task {task!r}; GET /v1/tasks lists yours")
+        request.state.task = task  # the label ResponseGuard counts it under (unknown tasks share one)
+        share = None if tenancy.open else who.name  # an open server cannot tell callers apart: each task is one
+        timeout = request_timeout(request.headers.get("x-timeout-ms"), backend.deadline_s)  # before queueing
+        backend.check_capacity(share, task)  # refuse before spending time on decoding
+        body = await read_body(request, limits.max_body_bytes, "--max-body-mb")
+        data, params = await parse_detect(request, body)
+        image = await run_in_threadpool(backend.prepare, data)
+        result = await backend.detect(task, image, params, timeout, share)
+        return result.to_dict()
 
     @app.get("/v1/tasks", response_model=TaskList, responses={401: _ERRORS[401]}, summary="Tasks this key may call")
     async def list_tasks(who: Tenant = Depends(tenant)):
@@ -413,7 +441,7 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
     async def put_adapter(name: str, request: Request, _who: Tenant = Depends(admin)):
         try:
             validate_name(name)
-            body = await read_body(request, limits.max_upload_bytes)
+            body = await read_body(request, limits.max_upload_bytes, "the adapter upload limit")
             if _media_type(request) == "multipart/form-data":
                 body = (await _form(request, body)).get("adapter")
                 if not isinstance(body, (bytes, bytearray)):
@@ -469,8 +497,6 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
     def openapi() -> dict:
         # The detect and upload bodies are parsed by hand (size limit first), so their schemas are added here.
         if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             for model in (DetectForm, DetectJSON):
@@ -483,6 +509,52 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
 
 
 def serve_engine(engine: MultiTenantEngine, tenancy: Tenancy | None = None, limits: HTTPLimits = HTTPLimits(),
-                 ) -> FastAPI:
+                 *, docs: bool = False) -> FastAPI:
     """`create_app` over an engine in this process."""
-    return create_app(EngineBackend(engine), tenancy, limits)
+    return create_app(EngineBackend(engine), tenancy, limits, docs=docs)
+
+
+class ResponseGuard:
+    """The app's outermost layer (pure ASGI): every response gets the security headers, any exception that
+    escapes a route becomes its JSON error here, and /metrics counts each response by the status code the
+    client actually got (so an error raised while rendering a 200 counts as the 500 that was sent)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})
+        started, sent = time.perf_counter(), {}
+
+        async def send_guarded(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+                if scope["path"] == "/docs":
+                    headers["Content-Security-Policy"] = _DOCS_CSP
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_guarded)
+        except Exception as error:
+            if "status" in sent:  # too late for an error response: the client sees the connection close
+                raise
+            api = to_api_error(error)
+            await error_response(api.status, api.code, api.message, api.headers)(scope, receive, send_guarded)
+        finally:
+            if "status" in sent:
+                self._count(scope, sent["status"], time.perf_counter() - started)
+
+    def _count(self, scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        self.metrics.inc("adapt_http_responses_total", method=scope["method"], code=str(status),
+                         route=getattr(route, "path", "(no route)"))
+        if scope["method"] == "POST" and _DETECT_PATH.fullmatch(scope["path"]):
+            task = scope["state"].get("task", "(unknown)")
+            self.metrics.inc("adapt_requests_total", task=task, code=str(status))
+            if status == 200:
+                self.metrics.observe("adapt_request_seconds", seconds, task=task)

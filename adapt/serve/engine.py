@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import queue
 import threading
 import time
 import warnings
@@ -42,6 +41,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from adapt.serve.admission import FairQueue, QueueFull, TenantOverShare
 from adapt.serve.metrics import Metrics, server_metrics
 from adapt.serve.lora import folded_weights
 from adapt.serve.pool import AdapterPool, LoadedAdapter
@@ -61,7 +61,10 @@ _VISUAL_PREFIXES = ("swin.", "fpn.")
 class EngineConfig:
     max_batch: int = field(default=8, metadata={"help": "most requests in one model batch (1 = batching off)"})
     batch_window_ms: float = field(default=5.0, metadata={"help": "how long the first request waits for company"})
-    max_queue: int = field(default=64, metadata={"help": "requests waiting beyond this are refused (HTTP 503)"})
+    max_queue: int = field(default=64, metadata={"help": "requests waiting in all tenants' queues together; when "
+                                                          "full, the tenant holding the most is refused first"})
+    tenant_queue: int = field(default=16, metadata={"help": "requests one tenant may have waiting; beyond it that "
+                                                             "tenant gets HTTP 429 + Retry-After"})
     deadline_s: float = field(default=30.0, metadata={"help": "a request not answered by then is dropped (504)"})
     cache_bytes: int = field(default=256 * 2**20, metadata={"help": "byte bound of the loaded-adapter LRU"})
     max_upload_bytes: int = field(default=64 * 2**20, metadata={"help": "largest adapter upload"})
@@ -75,7 +78,7 @@ class EngineConfig:
                                                             "(CUDA only); lower precisions run as autocast"})
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "cache_bytes", "max_upload_bytes", "max_pixels"):
+        for name in ("max_batch", "max_queue", "tenant_queue", "cache_bytes", "max_upload_bytes", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be at least 1")
         if self.batch_window_ms < 0 or self.deadline_s <= 0:
@@ -126,12 +129,6 @@ class ImageTooLarge(ValueError):
     """An image whose pixel count exceeds the limit (a decompression bomb, or just too big)."""
 
 
-class QueueFull(RuntimeError):
-    def __init__(self, depth: int, retry_after_s: int):
-        super().__init__(f"the server is at capacity ({depth} requests queued); retry in {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
 class DeadlineExceeded(TimeoutError):
     pass
 
@@ -152,6 +149,7 @@ class _Request:
     deadline: float  # time.monotonic()
     future: Future
     adapter: LoadedAdapter | None = None
+    tenant: str = ""  # whose share of the queue and of compute it counts against
 
 
 class MultiTenantEngine:
@@ -185,9 +183,9 @@ class MultiTenantEngine:
         self.canvas = (side, side) if config.fixed_canvas else None
         self.metrics = metrics or server_metrics()
         self._register_gauges()
-        self._queue: queue.Queue[_Request] = queue.Queue(maxsize=config.max_queue)
+        self._queue: FairQueue[_Request] = FairQueue(config.max_queue, config.tenant_queue)
         self._inflight = 0
-        self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._batch_seconds = 0.0  # moving average
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # One forward at a time: functional_call swaps parameters on the shared module while it runs.
@@ -221,11 +219,7 @@ class MultiTenantEngine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        while True:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        for request in self._queue.drain():
             _resolve(request, EngineStopped("the server is shutting down"))
 
     def __enter__(self) -> "MultiTenantEngine":
@@ -239,7 +233,7 @@ class MultiTenantEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def queue_depth(self) -> int:
-        return self._queue.qsize() + self._inflight
+        return len(self._queue) + self._inflight
 
     # ---------------------------------------------------------------------------------------------- input
 
@@ -255,15 +249,20 @@ class MultiTenantEngine:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 opened = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ImageTooLarge(f"image is too large to decode safely ({error}); the limit is {limit:,} pixels")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            # Pillow's message quotes its own global limit; the client needs the one that refused it.
+            decoder = Image.MAX_IMAGE_PIXELS or limit
+            raise ImageTooLarge(
+                f"image declares more pixels than the server's limit of {limit:,} (--max-pixels); downscale it"
+                if limit <= decoder else f"image declares more than {decoder:,} pixels, the most the image decoder "
+                f"accepts (below --max-pixels {limit:,}); downscale it") from None
         except Exception as error:
             raise InvalidImage("the upload is not an image the server can read (PNG, JPEG, WebP, ...): "
                                f"{type(error).__name__}") from None
         width, height = opened.size
         if width * height > limit:
-            raise ImageTooLarge(f"image is {width}x{height} = {width * height:,} pixels, more than the limit of "
-                                f"{limit:,}; downscale it")
+            raise ImageTooLarge(f"image is {width}x{height} = {width * height:,} pixels, more than the server's "
+                                f"limit of {limit:,} (--max-pixels); downscale it")
         try:
             pil = load_image(opened, max_pixels=limit)
             batch = self.processor.preprocess([pil])
@@ -278,29 +277,47 @@ class MultiTenantEngine:
 
     # --------------------------------------------------------------------------------------------- submit
 
-    def check_capacity(self) -> None:
-        """Raise QueueFull now if a new request would be refused (lets the HTTP layer skip decoding)."""
-        if self._queue.full():
-            raise self._queue_full()
+    def check_capacity(self, tenant: str | None = None, task: str = "") -> None:
+        """Raise now what `submit` would raise for this tenant's next request (lets the HTTP layer refuse it
+        before decoding the image); `tenant` None means the task is the tenant."""
+        try:
+            self._queue.check(tenant or task)
+        except QueueFull as error:
+            self._count_refusal(error)
+            raise
 
     def submit(self, task: str, image: PreparedImage, params: DetectParams = DetectParams(),
-               deadline_s: float | None = None) -> Future:
-        """Queue one request for the batcher; the future resolves to a DetectResult or an exception."""
+               deadline_s: float | None = None, tenant: str | None = None) -> Future:
+        """Queue one request for the batcher; the future resolves to a DetectResult or an exception.
+
+        Each tenant has its own bounded queue and a fair share of the batches (adapt.serve.admission);
+        `tenant` None makes the task its own tenant (an open server, where callers have no identity).
+
+        Raises:
+            TenantOverShare: this tenant already has its share of the queue waiting (HTTP 429).
+            QueueFull: the queue is full and no tenant holds more than this one (HTTP 503).
+        """
         if not self.running:
             raise EngineStopped("the engine is not running; call start() (or use it as a context manager)")
         timeout = self.config.deadline_s if deadline_s is None else min(deadline_s, self.config.deadline_s)
-        request = _Request(task, image, params, time.monotonic() + timeout, Future())
+        request = _Request(task, image, params, time.monotonic() + timeout, Future(), tenant=tenant or task)
         try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise self._queue_full() from None
+            pushed = self._queue.put(request.tenant, request)
+        except QueueFull as error:
+            self._count_refusal(error)
+            raise
+        if pushed is not None:
+            refusal = TenantOverShare(len(self._queue), self._queue.retry_after(pushed.tenant),
+                                      "the queue is full and this key holds the most of it, so its newest request "
+                                      "made room for another tenant's; retry in "
+                                      f"{self._queue.retry_after(pushed.tenant)} s")
+            self._count_refusal(refusal)
+            _resolve(pushed, refusal)
         return request.future
 
-    def _queue_full(self) -> QueueFull:
-        self.metrics.inc("adapt_rejected_total", reason="queue_full")
-        depth = self.queue_depth()
-        per_batch = self._batch_seconds or 0.1
-        return QueueFull(depth, max(1, math.ceil(depth / self.config.max_batch * per_batch)))
+    def _count_refusal(self, error: QueueFull) -> None:
+        reason = "tenant_over_share" if isinstance(error, TenantOverShare) else "queue_full"
+        self.metrics.inc("adapt_rejected_total", reason=reason)
 
     def detect(self, task: str, image: bytes | PreparedImage, threshold: float = 0.5, top_k: int = 100,
                ) -> DetectResult:
@@ -326,18 +343,11 @@ class MultiTenantEngine:
     def _loop(self) -> None:
         window = self.config.batch_window_ms / 1000.0
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.05)
-            except queue.Empty:
+            batch = [request for _, request in self._queue.take(self.config.max_batch, window)]
+            if not batch:
                 continue
-            batch, end = [first], time.monotonic() + window
-            while len(batch) < self.config.max_batch:
-                remaining = end - time.monotonic()
-                try:
-                    batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-                except queue.Empty:
-                    break
             self._inflight = len(batch)
+            started = time.perf_counter()
             try:
                 self._process(batch)
             except BaseException as error:  # the batcher must survive anything a batch does
@@ -346,6 +356,16 @@ class MultiTenantEngine:
                     _resolve(request, error if isinstance(error, Exception) else RuntimeError(repr(error)))
             finally:
                 self._inflight = 0
+                self._charge(batch, time.perf_counter() - started)
+
+    def _charge(self, batch: list[_Request], seconds: float) -> None:
+        """Account a batch's measured compute time to its tenants (the fair-queuing clock and /metrics)."""
+        counts: dict[str, int] = defaultdict(int)
+        for request in batch:
+            counts[request.tenant] += 1
+        for tenant, share in self._queue.charge(counts, seconds).items():
+            self.metrics.inc("adapt_tenant_compute_seconds_total", share, tenant=tenant)
+            self.metrics.inc("adapt_tenant_requests_total", counts[tenant], tenant=tenant)
 
     def _process(self, batch: list[_Request]) -> None:
         start = time.perf_counter()

@@ -71,7 +71,9 @@ class Metrics:
 
 def add_http_metrics(m: Metrics) -> Metrics:
     """The families the HTTP app records (idempotent)."""
-    m.counter("adapt_requests_total", "HTTP detect requests by task and status code", ("code", "task"))
+    m.counter("adapt_requests_total", "HTTP detect requests by task and the status code sent", ("code", "task"))
+    m.counter("adapt_http_responses_total", "HTTP responses by route, method and the status code sent",
+              ("code", "method", "route"))
     m.histogram("adapt_request_seconds", "detect latency by task (receive to response)", LATENCY_BUCKETS, ("task",))
     return m
 
@@ -81,7 +83,11 @@ def server_metrics() -> Metrics:
     m = Metrics()
     m.histogram("adapt_batch_size", "requests per model batch (all tasks together)", BATCH_BUCKETS)
     m.histogram("adapt_batch_seconds", "time to run one model batch", LATENCY_BUCKETS)
-    m.counter("adapt_rejected_total", "requests refused before running, by reason (queue_full, deadline)", ("reason",))
+    m.counter("adapt_rejected_total", "requests refused before running, by reason (tenant_over_share, queue_full, "
+                                      "deadline)", ("reason",))
+    m.counter("adapt_tenant_compute_seconds_total", "measured batch time charged to each tenant (fair queuing)",
+              ("tenant",))
+    m.counter("adapt_tenant_requests_total", "requests of each tenant that reached the model", ("tenant",))
     m.counter("adapt_adapter_failures_total", "run-time failures of an adapter's requests retried on their own",
               ("task",))
     return m

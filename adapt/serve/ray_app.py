@@ -20,9 +20,11 @@ from pathlib import Path
 from ray import serve
 
 from adapt.adapter import AdapterError
+from adapt.serve.allocator import steady_malloc
 from adapt.serve.app import HTTPLimits, adapter_list, adapter_upload, create_app, task_infos
+from adapt.serve.admission import QueueFull, TenantOverShare
 from adapt.serve.engine import (AdapterFailed, DeadlineExceeded, DetectParams, DetectResult, EngineConfig,
-                                EngineStopped, ImageTooLarge, InvalidImage, MultiTenantEngine, QueueFull)
+                                EngineStopped, ImageTooLarge, InvalidImage, MultiTenantEngine)
 from adapt.serve.metrics import Metrics
 from adapt.serve.pool import AdapterQuarantined, InvalidAdapterName, UnknownAdapter, adapter_exists, list_adapters
 from adapt.serve.tenancy import Tenancy
@@ -31,7 +33,8 @@ APP_NAME = "glip-adapt"
 # Ray's routing bookkeeping only; the pool's byte-bounded LRU is what bounds a replica's memory.
 MAX_ADAPTERS_PER_REPLICA = 256
 
-_ERRORS = {cls.__name__: cls for cls in (InvalidImage, ImageTooLarge, QueueFull, DeadlineExceeded, UnknownAdapter,
+_ERRORS = {cls.__name__: cls for cls in (InvalidImage, ImageTooLarge, QueueFull, TenantOverShare, DeadlineExceeded,
+                                         UnknownAdapter,
                                          InvalidAdapterName, AdapterError, EngineStopped, AdapterFailed,
                                          AdapterQuarantined)}
 
@@ -46,7 +49,7 @@ def _decode_error(payload: dict) -> Exception:
     cls = _ERRORS.get(payload["type"], RuntimeError)
     error = cls.__new__(cls)
     Exception.__init__(error, payload["message"])
-    if cls is QueueFull:
+    if issubclass(cls, QueueFull):
         error.retry_after_s = payload["retry_after_s"] or 1
     return error
 
@@ -58,8 +61,6 @@ class AdapterModel:
     def __init__(self, base: str, adapters_dir: str, engine_config: dict, threads: int | None = None):
         import torch
 
-        from adapt.serve.server import steady_malloc
-
         if threads:
             torch.set_num_threads(threads)
         steady_malloc()
@@ -69,13 +70,14 @@ class AdapterModel:
     async def get_adapter(self, task: str):
         return await asyncio.to_thread(self.engine.pool.get, task)
 
-    async def detect(self, data: bytes, threshold: float, top_k: int, timeout_s: float) -> dict:
+    async def detect(self, data: bytes, threshold: float, top_k: int, timeout_s: float, tenant: str | None) -> dict:
         task = serve.get_multiplexed_model_id()
         future = None
         try:
             await self.get_adapter(task)  # load + verify here; tells the router this replica holds the task
             image = await asyncio.to_thread(self.engine.prepare, data)
-            future = self.engine.submit(task, image, DetectParams(threshold, top_k), deadline_s=timeout_s)
+            future = self.engine.submit(task, image, DetectParams(threshold, top_k), deadline_s=timeout_s,
+                                        tenant=tenant)
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
             return {"ok": dataclasses.asdict(result)}
         except asyncio.TimeoutError:
@@ -132,12 +134,13 @@ class RayBackend:
     def prepare(self, data: bytes) -> bytes:
         return data  # decoded in the model replica, next to the model (bytes travel lighter than pixels)
 
-    def check_capacity(self) -> None:
-        pass  # Ray Serve's max_ongoing_requests and the replica's bounded queue do this
+    def check_capacity(self, tenant: str | None, task: str) -> None:
+        pass  # the replica's per-tenant queues refuse (and Ray Serve's max_ongoing_requests bounds the rest)
 
-    async def detect(self, task: str, image: bytes, params: DetectParams, timeout_s: float) -> DetectResult:
+    async def detect(self, task: str, image: bytes, params: DetectParams, timeout_s: float,
+                     tenant: str | None) -> DetectResult:
         handle = self.handle.options(multiplexed_model_id=task)
-        reply = await handle.detect.remote(image, params.threshold, params.top_k, timeout_s)
+        reply = await handle.detect.remote(image, params.threshold, params.top_k, timeout_s, tenant)
         if "error" in reply:
             raise _decode_error(reply["error"])
         return DetectResult(**reply["ok"])
@@ -175,19 +178,20 @@ class RayBackend:
 class Ingress:
     """The public HTTP contract (adapt.serve.app), built in the replica around the model's handle."""
 
-    def __init__(self, model, adapters_dir: str, tenancy: dict | None, limits: dict, deadline_s: float):
+    def __init__(self, model, adapters_dir: str, tenancy: dict | None, limits: dict, deadline_s: float,
+                 docs: bool = False):
         self.model, self.adapters_dir, self.tenancy, self.deadline_s = model, adapters_dir, tenancy, deadline_s
-        self.limits = HTTPLimits(**limits)
+        self.limits, self.docs = HTTPLimits(**limits), docs
 
     def __serve_build_asgi_app__(self):
         backend = RayBackend(self.model, self.adapters_dir, self.deadline_s, self.limits.max_body_bytes)
         tenancy = Tenancy.from_dict(self.tenancy) if self.tenancy else Tenancy()
-        return create_app(backend, tenancy, self.limits, manage_backend=False)
+        return create_app(backend, tenancy, self.limits, manage_backend=False, docs=self.docs)
 
 
 def build_app(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig = EngineConfig(),
               tenancy: dict | None = None, limits: HTTPLimits = HTTPLimits(), num_replicas: int = 1,
-              model_cpus: float = 1.0, threads: int | None = None):
+              model_cpus: float = 1.0, threads: int | None = None, docs: bool = False):
     """The Serve application: `serve.run(build_app(...), route_prefix="/")`.
 
     Args:
@@ -199,6 +203,7 @@ def build_app(*, base: str, adapters_dir: str | Path, engine_config: EngineConfi
         num_replicas: model replicas.
         model_cpus: CPUs Ray reserves per model replica.
         threads: torch threads per model replica.
+        docs: serve Swagger UI at /docs.
 
     On CUDA (engine_config.device cuda/cuda:N, or None on a machine with CUDA) each replica reserves one GPU,
     so Ray places one replica per GPU; the replica then runs on the GPU Ray gave it.
@@ -214,7 +219,7 @@ def build_app(*, base: str, adapters_dir: str | Path, engine_config: EngineConfi
         max_ongoing_requests=engine_config.max_queue + engine_config.max_batch,
     ).bind(base, str(adapters_dir), dataclasses.asdict(engine_config), threads)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
-        model, str(adapters_dir), tenancy, dataclasses.asdict(limits), engine_config.deadline_s)
+        model, str(adapters_dir), tenancy, dataclasses.asdict(limits), engine_config.deadline_s, docs)
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None, blocking: bool = True):
