@@ -67,6 +67,11 @@ class Adapter:
         return [c["name"] for c in self.categories]
 
     @property
+    def category_ids(self) -> list[int]:
+        """Each category's id in the task's annotation files (position + 1 where the adapter stores none)."""
+        return [int(c.get("id", i + 1)) for i, c in enumerate(self.categories)]
+
+    @property
     def shares_base(self) -> bool:
         """True when the adapter changes no base weight (its requests can share a batch with other tasks)."""
         return self.strategy in PROMPT_ONLY

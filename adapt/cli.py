@@ -29,7 +29,7 @@ def fail(message: str, code: int = 2) -> None:
 
 @app.command("verify-reference")
 def verify_reference(
-    cases: Annotated[list[Path], typer.Argument(help="reference case folders (e.g. ../shared/reference/glip_t)")],
+    cases: Annotated[list[Path], typer.Argument(help="reference case folders (keys.json, prompt.json, input.png, outputs.*)")],
     threads: Annotated[int, typer.Option(help="CPU threads")] = 2,
     device: DeviceOption = None,
     dtype: DtypeOption = "float32",
@@ -95,7 +95,7 @@ def detect(
         typer.echo(f"{path}: {len(dets)} detections")
         for box, score, name in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.names):
             typer.echo(f"  {name:<20} {score:.3f}  [{', '.join(f'{v:.1f}' for v in box)}]")
-        results += [dict(r, file=str(path), category=name) for r, name in zip(dets.to_coco(index), dets.names)]
+        results += dets.to_coco(index, file_name=str(path))
     if json_out:
         json_out.write_text(json.dumps(results, indent=1))
 
@@ -118,7 +118,7 @@ def pretrain(
     device: DeviceOption = None,
     dtype: DtypeOption = "float32",
 ) -> None:
-    """Pretrain glip-nano(-a) on the icon world with GLIP's grounding objective (CPU: about 1-2 s per step)."""
+    """Pretrain glip-nano(-a) on the icon world with GLIP's grounding objective ."""
     import json
 
     from adapt.pretrain import PretrainConfig, pretrain as run
@@ -310,7 +310,7 @@ def predict(
         typer.echo(f"{path}: {len(dets)} detections")
         for box, score, name in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.names):
             typer.echo(f"  {name:<20} {score:.3f}  [{', '.join(f'{v:.1f}' for v in box)}]")
-        records += [dict(r, file_name=str(path)) for r in dets.to_coco(index)]
+        records += dets.to_coco(index, detector.category_ids, file_name=str(path))
         if save_vis:
             from tasks.visualize import draw_predictions
 
@@ -329,10 +329,10 @@ def export_command(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 (weights; inputs and outputs stay "
                                                       "float32)")] = "float32",
     opset: Annotated[int, typer.Option(help="ONNX opset, 16-20 (GridSample needs 16)")] = 17,
-    dynamic: Annotated[bool, typer.Option("--dynamic", help="dynamic batch, height and width (default: one "
-                                                           "fixed input, see --size)")] = False,
-    size: Annotated[Optional[str], typer.Option(help="fixed padded input HxW, multiples of 32 (default: the "
-                                                     "model's largest landscape canvas, e.g. 800x1344)")] = None,
+    size: Annotated[Optional[str], typer.Option(help="a fixed input HxW, multiples of 32, e.g. 800x1344: each image "
+                                                     "is zero-padded onto this canvas, which changes the scores "
+                                                     "(default: any batch and image size, the detections of "
+                                                     "`adapt predict --adapter`)")] = None,
 ) -> None:
     """Export a task to ONNX: the base with the adapter folded in; images in, pre-NMS boxes and scores out."""
     from adapt.adapter import AdapterError
@@ -345,7 +345,7 @@ def export_command(
             fail(f"--size takes HEIGHTxWIDTH, e.g. 800x1344; got {size!r}")
         fixed = (int(parts[0]), int(parts[1]))
     try:
-        result = export_task(adapter, out, base=base, dtype=dtype, opset=opset, dynamic=dynamic, size=fixed)
+        result = export_task(adapter, out, base=base, dtype=dtype, opset=opset, fixed_size=fixed)
     except (ExportError, AdapterError, FileNotFoundError) as error:
         fail(str(error))
     shape = "x".join(str(v) for v in result.input_shape)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adapt import STRATEGY_NAMES, __version__
+from adapt import STRATEGIES, __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
 from adapt.adapter import Adapter, apply_adapter, base_fingerprint, load_adapter, read_merged, read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
@@ -68,7 +68,7 @@ class TaskGraph(nn.Module):
         visual = VisualFeatures(levels=model.fpn(model.swin(pixels)),
                                 image_sizes=[tuple(pixels.shape[-2:])] * pixels.shape[0])
         outputs = model.fuse_and_predict(visual, PromptFeatures(self.hidden, self.embedded, self.mask))
-        # Anchors from the traced level shapes (not the model's per-shape cache), so --dynamic graphs stay dynamic.
+        # Anchors from the traced level shapes (not the model's per-shape cache), so graphs of free size stay free.
         shapes = [tuple(level.shape[-2:]) for level in outputs.fused_visual]
         anchors = grid_anchors(shapes, model.strides, model.anchor_base_size, pixel_values.device)
         # Decoding (exp) and the sigmoids run in float32 whatever the weights' width.
@@ -85,7 +85,7 @@ class ExportResult:
     bytes: int
     strategy: str
     task: str
-    input_shape: tuple  # (B, 3, H, W) with "batch"/"height"/"width" for dynamic axes
+    input_shape: tuple  # (B, 3, H, W), with "batch"/"height"/"width" for free axes
     opset: int
     dtype: str
     seconds: float
@@ -109,18 +109,23 @@ def zero_shot_adapter(model: GLIP, prompt, base_model: str, task: str = "zero-sh
 
 
 def load_task(adapter_path: str | Path, base: str | None = None) -> tuple[GLIP, Adapter]:
-    """The base model with the adapter folded in (or a merged single-task model), refusing what cannot export."""
-    adapter_path = Path(adapter_path)
+    """The base model with the adapter folded in (or a merged single-task model), refusing what cannot export.
+    `adapter_path` may be an `hf://` reference."""
+    from adapt.hub import open_adapter
+
+    label, adapter_path = str(adapter_path), open_adapter(adapter_path)
     merged = read_merged(adapter_path)
     if merged is not None:
         return GLIP.from_pretrained(str(adapter_path)), merged
-    meta = read_metadata(adapter_path)
+    meta = read_metadata(adapter_path, label)
     strategy = meta.get("strategy", "")
-    if strategy not in STRATEGY_NAMES:
-        raise ExportError(f"{adapter_path} is a {strategy!r} adapter; export supports {', '.join(STRATEGY_NAMES)} "
+    spec = STRATEGIES.get(strategy)
+    if spec is None or spec.export is None:  # StrategySpec.export: how a strategy exports, None when it does not
+        exportable = [name for name, s in STRATEGIES.items() if s.export is not None]
+        raise ExportError(f"{label} is a {strategy!r} adapter; export supports {', '.join(exportable)} "
                           "adapters: re-train the task with one of those strategies")
     model = GLIP.from_pretrained(base or meta["base_model"])
-    adapter = load_adapter(adapter_path, base=model)  # another base: the message names the one to use
+    adapter = load_adapter(adapter_path, base=model, source=label)  # another base: names the one to use
     apply_adapter(model, adapter)
     return model.eval(), adapter
 
@@ -145,25 +150,33 @@ def check_options(out: str | Path, dtype: str, opset: int) -> Path:
     return out
 
 
-def default_size(model: GLIP) -> tuple[int, int]:
-    """The fixed input of a static graph: the largest landscape canvas of the model's resize rule, padded."""
+def trace_size(model: GLIP) -> tuple[int, int]:
+    """The example input the graph is traced with: the largest landscape canvas of the model's resize rule, padded.
+    (A graph of free size takes any other size as well.)"""
     image = model.config.image
     divisor = max(image.size_divisibility, 1)
     return tuple(-(-side // divisor) * divisor for side in (image.min_size, image.max_size))
 
 
 def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "float32",
-                opset: int = DEFAULT_OPSET, dynamic: bool = False, size: tuple[int, int] | None = None) -> ExportResult:
-    """Write `out`: the task of `adapter_path` as one ONNX graph (see the module docstring), checked by onnx.checker."""
+                opset: int = DEFAULT_OPSET, fixed_size: tuple[int, int] | None = None) -> ExportResult:
+    """Write `out`: the task of `adapter_path` as one ONNX graph (see the module docstring), checked by onnx.checker.
+
+    By default batch, height and width are free, so the graph gives the detections of `AdapterDetector` on any
+    image. `fixed_size=(H, W)` (multiples of 32) fixes the input instead: the runtime zero-pads each smaller image
+    onto that canvas, and since the padding takes part in the image-text attention the scores change.
+    """
     import onnx
 
     started = time.perf_counter()
     out = check_options(out, dtype, opset)
+    size = fixed_size
     if size is not None and (size[0] % 32 or size[1] % 32 or min(size) <= 0):
         raise ExportError(f"--size {size[0]}x{size[1]}: the graph input is padded to multiples of 32; use e.g. "
                           f"{max(-(-size[0] // 32), 1) * 32}x{max(-(-size[1] // 32), 1) * 32}")
+    dynamic = size is None
     model, adapter = load_task(adapter_path, base)
-    height, width = size or default_size(model)
+    height, width = size or trace_size(model)
     use_deform_impl(model, "im2col")  # torchvision's deform_conv2d has no ONNX op; im2col exports as GridSample
     graph = TaskGraph(model, adapter, EXPORT_DTYPES[dtype]).eval()
     example = torch.zeros(1, 3, height, width)
@@ -177,7 +190,7 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
                           dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
     proto = onnx.load_from_string(buffer.getvalue())
     del buffer
-    info = task_metadata(model, adapter, dtype=dtype, opset=opset, dynamic=dynamic, size=(height, width))
+    info = task_metadata(model, adapter, dtype=dtype, opset=opset, fixed_size=size)
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(info)})
     onnx.checker.check_model(proto)
     from glip_io import atomic_write
@@ -188,15 +201,17 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
                         input_shape=shape, opset=opset, dtype=dtype, seconds=time.perf_counter() - started)
 
 
-def task_metadata(model: GLIP, adapter: Adapter, *, dtype: str, opset: int, dynamic: bool,
-                  size: tuple[int, int]) -> dict:
+def task_metadata(model: GLIP, adapter: Adapter, *, dtype: str, opset: int,
+                  fixed_size: tuple[int, int] | None) -> dict:
     """Everything the runtime needs beside the graph: categories, pre/post-processing, provenance."""
     config = model.config
     return {
         "format_version": 1, "task": adapter.task, "strategy": adapter.strategy, "categories": adapter.category_names,
+        "category_ids": adapter.category_ids,
         "base_model": adapter.base_model, "base_fingerprint": adapter.base_fingerprint,
         "image": dataclasses.asdict(config.image), "postprocess": dataclasses.asdict(config.postprocess),
-        "input": {"dynamic": dynamic, "height": size[0], "width": size[1]}, "dtype": dtype, "opset": opset,
+        "input": {"dynamic": fixed_size is None, "height": fixed_size[0] if fixed_size else None,
+                  "width": fixed_size[1] if fixed_size else None}, "dtype": dtype, "opset": opset,
         "outputs": list(OUTPUT_NAMES), "toolkit_version": __version__,
     }
 

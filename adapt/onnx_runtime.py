@@ -73,6 +73,11 @@ class OnnxTask:
         return list(self.info["categories"])
 
     @property
+    def category_ids(self) -> list[int]:
+        """The categories' ids in the task's annotation files (position + 1 for graphs exported without them)."""
+        return list(self.info.get("category_ids") or range(1, len(self.categories) + 1))
+
+    @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
@@ -107,7 +112,8 @@ class OnnxTask:
         height, width = spec["height"], spec["width"]
         if batch.shape[-2] > height or batch.shape[-1] > width:
             raise OnnxTaskError(f"an image of {batch.shape[-2]}x{batch.shape[-1]} (padded) does not fit {self.path}'s "
-                                f"fixed {height}x{width} input; re-export with --dynamic or a larger --size")
+                                f"fixed {height}x{width} input; re-export without --size (any image size) or "
+                                "with a larger --size")
         if batch.shape[-2:] == (height, width):
             return batch
         padded = np.zeros((len(batch), 3, height, width), dtype=np.float32)
@@ -218,6 +224,10 @@ class OnnxDetector:
     @property
     def categories(self) -> list[str]:
         return self.task.categories
+
+    @property
+    def category_ids(self) -> list[int]:
+        return self.task.category_ids
 
     def detect(self, images, threshold: float = 0.0) -> list:
         import torch

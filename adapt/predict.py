@@ -42,6 +42,10 @@ class AdapterDetector:
         return self.adapter.category_names
 
     @property
+    def category_ids(self) -> list[int]:
+        return self.adapter.category_ids
+
+    @property
     def processor(self) -> GLIPProcessor:
         return self.detector.processor
 

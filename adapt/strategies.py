@@ -1,7 +1,6 @@
 """Adaptation strategies: thin layers over the GLIP core's hooks, each naming exactly what it trains.
 
-Semantics follow the official code (microsoft/GLIP `tools/finetune.py`, `tuning_highlevel_override`;
-shared/reference/FINDINGS.md §9):
+Semantics follow the official code (microsoft/GLIP `tools/finetune.py`, `tuning_highlevel_override`):
   prompt-tune   "language_prompt_v2": a zero-initialised offset ΔP0 added to P0 (both `hidden` and
                 `embedded`) is the only trainable tensor; everything else frozen and in eval mode.
   linear-probe  the official 9 head tensors; backbone, FPN and BERT frozen and in eval mode (the DyHead

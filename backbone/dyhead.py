@@ -1,7 +1,7 @@
 """The DyHead tower (Dai et al. 2021) as GLIP interleaves it with deep fusion.
 
-microsoft/GLIP `modeling/rpn/vldyhead.py` (DyConv, Conv3x3Norm, VLDyHead tower) and `layers/dyrelu.py`;
-facts in shared/reference/FINDINGS.md §5 and §13.1. Each tower layer is
+microsoft/GLIP `modeling/rpn/vldyhead.py` (DyConv, Conv3x3Norm, VLDyHead tower) and `layers/dyrelu.py`.
+Each tower layer is
 [fusion block → BERT layer on the text stream] (deep fusion only) → DyConv over all levels.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def modulated_deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tenso
     The official DyConv hands the offsets computed on level l to the conv applied on the coarser level
     l+1. The kernel has no shape check and reads them as raw memory: the first 18·h·w values of each
     image's flattened offset (9·h·w of the mask), where (h, w) is the output size. Pretrained weights
-    were trained with this, so we reproduce it (FINDINGS §13.1) instead of resizing.
+    were trained with this, so we reproduce it instead of resizing.
     """
     batch, _, height, width = x.shape
     out_h = (height + 2 - 3) // stride + 1

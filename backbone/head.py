@@ -1,11 +1,11 @@
 """GLIP's vision-language head: box regression, centerness and token-level alignment logits.
 
-microsoft/GLIP `modeling/rpn/vldyhead.py` (VLDyHead, L645-859); FINDINGS.md §6. The alignment logit
+microsoft/GLIP `modeling/rpn/vldyhead.py` (VLDyHead, L645-859). The alignment logit
 between anchor feature O and token feature P is
     S = O · Linear(normalize(P) / 2)ᵀ / exp(log_scale) + normalize(P) · bias_lang + bias0,
 clamped to ±50000.
 
-`score="cosine"` (an ablation option of issue #12; neither GLIP nor glip-nano v2 uses it) scores cos(O, Linear(normalize(P) / 2)) / exp(log_scale) instead,
+`score="cosine"` (an ablation option; neither GLIP nor glip-nano v2 uses it) scores cos(O, Linear(normalize(P) / 2)) / exp(log_scale) instead,
 with log_scale starting at -log(10) and the projection's bias at 0: meant against the collapse of glip-nano's
 text vectors, it named worse than the dot product in the ablations (model card); the parameter names and what each strategy trains stay GLIP's.
 """

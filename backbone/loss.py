@@ -156,7 +156,7 @@ def token_targets(matched_gt_index: Tensor, positive_map: Tensor, num_tokens: in
 
     A positive anchor takes its box's row; background anchors are all zeros. (The official code puts a 1
     on the last of 256 positions for background, the "[NoObj]" token, but the text mask then drops it
-    unless a prompt fills all 256 tokens: reference/FINDINGS.md §3.)
+    unless a prompt fills all 256 tokens.)
     """
     num_boxes, width = positive_map.shape
     if width > num_tokens:

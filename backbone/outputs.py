@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from glip_io.coco import detections_to_results
 
 @dataclass
 class PromptFeatures:
@@ -179,18 +180,12 @@ class Detections:
     def names(self) -> list[str]:
         return [self.categories[int(i)] for i in self.labels]
 
-    def to_coco(self, image_id: int, category_ids: list[int] | None = None) -> list[dict]:
-        """COCO results records (bbox as x, y, w, h). `category_ids[i]` is the id of category i."""
-        records = []
-        for box, score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist()):
-            x1, y1, x2, y2 = box
-            records.append({
-                "image_id": image_id,
-                "category_id": category_ids[label] if category_ids is not None else label,
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": score,
-            })
-        return records
+    def to_coco(self, image_id: int | None, category_ids: list[int] | None = None, *,
+                file_name: str | None = None) -> list[dict]:
+        """COCO results records, each naming its category (`glip_io.coco.detections_to_results`: bbox x, y, w, h;
+        `category_ids[i]` is the id of category i, default i + 1)."""
+        return detections_to_results(image_id, self.boxes, self.scores, self.labels, category_ids,
+                                     category_names=self.categories, file_name=file_name)
 
     def select(self, keep: Tensor) -> "Detections":
         return replace(self, boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep])

@@ -1,7 +1,7 @@
 """From head outputs to detections: phrase scores, thresholding, box decoding and class-aware NMS.
 
-microsoft/GLIP `modeling/rpn/inference.py` (ATSSPostProcessor, convert_grounding_to_od_logits);
-FINDINGS.md §7. Per level: a phrase's probability is the mean of its tokens' sigmoid probabilities;
+microsoft/GLIP `modeling/rpn/inference.py` (ATSSPostProcessor, convert_grounding_to_od_logits).
+Per level: a phrase's probability is the mean of its tokens' sigmoid probabilities;
 candidates have probability > threshold; at most `pre_nms_top_n` per level by probability x
 centerness; boxes are decoded and clipped to the unpadded image (x ≤ W-1); score = sqrt(p · c).
 Over all levels: class-aware NMS with "+1" IoU, then keep scores ≥ the `max_detections`-th largest.

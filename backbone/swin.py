@@ -1,7 +1,7 @@
 """Swin Transformer trunk for GLIP, built from timm's modules.
 
 GLIP's Swin (microsoft/GLIP `modeling/backbone/swint.py`, after Liu et al. 2021) differs from
-timm's in two ways that change every activation (shared/reference/FINDINGS.md §2):
+timm's in two ways that change every activation:
   * a block zero-pads its map to a multiple of the window *before* the cyclic shift, and shifts
     on every odd block whatever the map size (timm rolls first and drops the shift on small maps);
   * each output stage passes its own LayerNorm (`norm1..norm3`; stage 0's is the identity).

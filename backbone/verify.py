@@ -1,10 +1,10 @@
-"""Check this GLIP against a reference case produced by the official code (shared/reference format).
+"""Check this GLIP against a reference case: a folder of inputs and outputs produced by the official code.
 
 A case folder holds keys.json (official key layout), prompt.json, input.png, outputs.safetensors and
 outputs.json; its parent holds init_weights.py, which rebuilds the official-format checkpoint
 deterministically. We rebuild it (running that script from its own folder), convert and load it
-strictly, run the case, and compare every stage with the tolerances of shared/reference/README.md
-(relative to each tensor's largest value) and the detections with its matching rule.
+strictly, run the case, and compare every stage within the tolerances below (relative to each tensor's
+largest value) and the detections with the matching rule of `match_detections`.
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def prepare(model: str, folder: Path, reference: Path) -> dict:
     onnx_file = folder / f"{model}.onnx"
     started = time.perf_counter()
     torch.set_num_threads(2)
-    result = export_task(adapter, onnx_file, size=padded(MODELS[model][1]))
+    result = export_task(adapter, onnx_file, fixed_size=padded(MODELS[model][1]))
     sizes = {"adapter_bytes": adapter.stat().st_size, "onnx_bytes": result.bytes}
     if Path(base).exists():
         sizes["base_bytes"] = Path(base).stat().st_size

@@ -1,6 +1,7 @@
-"""File writes that a crash cannot tear: the one atomic-write helper every package uses.
+"""The ground every package stands on: file writes that a crash cannot tear (`atomic_write`, the one helper
+every package uses) and the COCO results records (`glip_io.coco`).
 
-A leaf module (it imports nothing of ours), so `tasks`, `backbone` and `adapt` can all use it without
+A leaf package (it imports nothing of ours), so `tasks`, `backbone` and `adapt` can all use it without
 breaking the direction of imports.
 """
 from __future__ import annotations

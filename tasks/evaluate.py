@@ -12,37 +12,12 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from glip_io.coco import detections_to_results, xyxy_to_xywh
+
+__all__ = ["detections_to_results", "evaluate_detections", "load_results", "save_results", "xyxy_to_xywh"]
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RECALLS = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def xyxy_to_xywh(boxes):
-    """(x0, y0, x1, y1) -> (x, y, w, h) on the last axis; list, numpy array or torch tensor in, same type out."""
-    if isinstance(boxes, (list, tuple)):
-        if boxes and not isinstance(boxes[0], (list, tuple)):
-            x0, y0, x1, y1 = boxes
-            return [x0, y0, x1 - x0, y1 - y0]
-        return [xyxy_to_xywh(b) for b in boxes]
-    out = boxes.clone() if hasattr(boxes, "clone") else np.array(boxes, copy=True)
-    out[..., 2] = boxes[..., 2] - boxes[..., 0]
-    out[..., 3] = boxes[..., 3] - boxes[..., 1]
-    return out
-
-
-def detections_to_results(image_id: int, boxes_xyxy, scores, labels, label_to_category_id: Sequence[int]
-                          ) -> list[dict]:
-    """COCO result dicts of one image; `labels` are 0-based task labels (`CocoDetection.label_to_cat_id` maps)."""
-    boxes = np.asarray(_to_numpy(boxes_xyxy), dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(_to_numpy(scores), dtype=np.float64).reshape(-1)
-    labels = np.asarray(_to_numpy(labels)).reshape(-1)
-    if not len(boxes) == len(scores) == len(labels):
-        raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
-    xywh = xyxy_to_xywh(boxes)
-    return [{"image_id": int(image_id), "category_id": int(label_to_category_id[int(l)]),
-             "bbox": [round(float(v), 3) for v in b], "score": round(float(s), 5)}
-            for b, s, l in zip(xywh, scores, labels)]
 
 
 def evaluate_detections(coco_gt, results: list[dict], *, image_ids: Sequence[int] | None = None,
@@ -122,9 +97,3 @@ def _check_results(coco_gt, results: list[dict]) -> None:
         box = r["bbox"]
         if len(box) != 4 or not all(math.isfinite(float(v)) for v in box) or box[2] < 0 or box[3] < 0:
             raise ValueError(f"{where}: bbox must be finite [x, y, w, h] with w, h >= 0 (COCO xywh), got {box!r}")
-
-
-def _to_numpy(x):
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return x

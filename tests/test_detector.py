@@ -33,10 +33,12 @@ def test_detections_are_in_original_pixels_with_names(detector):
     assert float(dets.boxes[:, 2].max()) <= 120 and float(dets.boxes[:, 3].max()) <= 80
     assert set(dets.names) <= {"person", "toothbrush"}
     assert dets.scores.tolist() == sorted(dets.scores.tolist(), reverse=True)
-    records = dets.to_coco(image_id=7, category_ids=[11, 12])
+    records = dets.to_coco(image_id=7, category_ids=[11, 12], file_name="a.png")
     x1, y1, x2, y2 = dets.boxes[0].tolist()
     assert records[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
-    assert records[0]["category_id"] in (11, 12) and records[0]["image_id"] == 7
+    assert [r["category_id"] for r in records] == [[11, 12][i] for i in dets.labels.tolist()]
+    assert [r["category"] for r in records] == dets.names
+    assert {r["image_id"] for r in records} == {7} and {r["file_name"] for r in records} == {"a.png"}
 
 
 def test_threshold_filters(detector):

@@ -95,13 +95,14 @@ def images(sizes, seed=0):
 
 @pytest.mark.parametrize("strategy", ["prompt-tune", "linear-probe", "lora", "finetune"])
 def test_every_strategy_exports_and_matches_pytorch(tiny, strategy):
-    result = export_task(tiny / f"{strategy}.safetensors", tiny / f"{strategy}.onnx", dynamic=True)
+    result = export_task(tiny / f"{strategy}.safetensors", tiny / f"{strategy}.onnx")
     onnx.checker.check_model(str(result.path))
     info = json.loads({p.key: p.value for p in onnx.load(str(result.path)).metadata_props}["glip_adapt"])
     assert info["strategy"] == strategy and info["categories"] == ["fish", "shark", "crab"]
     reference = AdapterDetector.load(tiny / f"{strategy}.safetensors")
     exported = OnnxDetector(result.path)
-    for image in images([(64, 64), (70, 90)]):  # 70x90 resizes to 64x82: not a multiple of 32
+    # 70x90 resizes to 64x82, not a multiple of 32; 237x301 (portrait) would not fit a fixed landscape canvas
+    for image in images([(64, 64), (70, 90), (237, 301), (301, 237)]):
         [theirs], [ours] = reference.detect(image), exported.detect(image)
         assert len(theirs) > 0
         assert_same_detections(ours, theirs)
@@ -112,7 +113,7 @@ def test_no_language_backbone_in_the_graph(tiny):
     """Prompt tuning exports P0 as a constant: the graph has no embedding lookup and no BERT weights."""
     path = tiny / "prompt-tune.onnx"
     if not path.exists():
-        export_task(tiny / "prompt-tune.safetensors", path, dynamic=True)
+        export_task(tiny / "prompt-tune.safetensors", path)
     model = onnx.load(str(path))
     assert [i.name for i in model.graph.input] == ["pixel_values"]
     assert not [n for n in model.graph.node if n.op_type == "Gather" and "embeddings" in n.name]
@@ -122,7 +123,7 @@ def test_no_language_backbone_in_the_graph(tiny):
 
 def test_static_graph_pads_to_its_size_and_refuses_larger_images(tiny):
     path = tiny / "static.onnx"
-    export_task(tiny / "prompt-tune.safetensors", path, size=(96, 128))
+    export_task(tiny / "prompt-tune.safetensors", path, fixed_size=(96, 128))
     task = OnnxTask(path)
     processor = GLIPProcessor.from_config(tiny_for_tests())
     batch = processor.preprocess(images([(64, 96)]), resize=False)
@@ -136,7 +137,7 @@ def test_static_graph_pads_to_its_size_and_refuses_larger_images(tiny):
     [final] = Postprocessor.from_config(glip.model.config)(outputs, glip.adapter.positive_map)
     assert_same_detections(to_torch(result, []), final)
     big = processor.preprocess(images([(128, 128)]), resize=False)
-    with pytest.raises(OnnxTaskError, match="re-export with --dynamic"):
+    with pytest.raises(OnnxTaskError, match="re-export without --size"):
         task.run(big.pixel_values.numpy(), big.image_sizes)
 
 
@@ -185,7 +186,7 @@ def test_onnx_task_runs_without_torch(tiny):
     """The runtime wrapper (onnxruntime + numpy) imports neither torch nor the GLIP core."""
     path = tiny / "prompt-tune.onnx"
     if not path.exists():
-        export_task(tiny / "prompt-tune.safetensors", path, dynamic=True)
+        export_task(tiny / "prompt-tune.safetensors", path)
     script = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {str(ROOT)!r})\n"
               "import numpy as np\nfrom adapt.onnx_runtime import OnnxTask\n"
               f"task = OnnxTask({str(path)!r})\n"
@@ -200,14 +201,14 @@ def test_onnx_task_runs_without_torch(tiny):
 
 def test_float16_export_passes_the_checker_and_keeps_float32_io(tiny):
     path = tiny / "half.onnx"
-    export_task(tiny / "prompt-tune.safetensors", path, dtype="float16", dynamic=True)
+    export_task(tiny / "prompt-tune.safetensors", path, dtype="float16")
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     full = tiny / "prompt-tune.onnx"
     if not full.exists():
-        export_task(tiny / "prompt-tune.safetensors", full, dynamic=True)
+        export_task(tiny / "prompt-tune.safetensors", full)
     pixels = np.random.default_rng(0).standard_normal((1, 3, 64, 96)).astype(np.float32)
     half_outputs = OnnxTask(path).session.run(None, {"pixel_values": pixels})
     full_outputs = OnnxTask(full).session.run(None, {"pixel_values": pixels})
@@ -219,7 +220,7 @@ def test_float16_export_passes_the_checker_and_keeps_float32_io(tiny):
 
 @pytest.fixture(scope="module")
 def nano(tmp_path_factory):
-    """glip-nano (the embedded base) with a prompt adapter for an icon task, exported with dynamic axes."""
+    """glip-nano (the embedded base) with a prompt and a LoRA adapter for an icon task."""
     from tasks.icons.suite import generate_icon_task, task_dir
 
     root = tmp_path_factory.mktemp("nano")
@@ -239,12 +240,13 @@ def nano(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["pt", "lora"])
 def test_glip_nano_task_onnx_matches_pytorch(nano, strategy):
     root, scenes = nano
-    result = export_task(root / f"{strategy}.safetensors", root / f"{strategy}.onnx", dynamic=True)
+    result = export_task(root / f"{strategy}.safetensors", root / f"{strategy}.onnx")
     onnx.checker.check_model(str(result.path))
     reference, exported = AdapterDetector.load(root / f"{strategy}.safetensors"), OnnxDetector(result.path, threads=2)
     scene = Image.open(scenes[0]).convert("RGB")
-    # 256x256 as rendered, and 300x200, which the 256-px rule resizes to 171x256: not a multiple of 32
-    for image in (scene, scene.resize((300, 200))):
+    # 256x256 as rendered, and 301x237 (w x h), which the 256-px rule resizes to 202x256 (h x w): padded to 224x256,
+    # where a fixed 256x256 canvas would change the scores
+    for image in (scene, scene.resize((301, 237))):
         [theirs], [ours] = reference.detect(image), exported.detect(image)
         assert len(theirs) >= 20  # enough to compare (the v2 base keeps 30 above the threshold on this scene)
         assert_same_detections(ours, theirs)
@@ -269,7 +271,7 @@ def glip_t(tmp_path_factory):
     reference_prompt = (prompt["caption"], [tuple(span) for span in prompt["phrase_char_spans"]])
     adapter = zero_shot_adapter(glip, reference_prompt, str(root / "glip_t.safetensors"))
     save_adapter(adapter, root / "pt.safetensors")
-    export_task(root / "pt.safetensors", root / "pt.onnx", dynamic=True)
+    export_task(root / "pt.safetensors", root / "pt.onnx")
     return root, AdapterDetector(glip, adapter)
 
 
@@ -315,7 +317,7 @@ def invoke(*args):
 
 
 def test_cli_export_then_predict_onnx(tiny, tmp_path):
-    code, output = invoke("export", "--adapter", tiny / "lora.safetensors", "--out", tmp_path / "task.onnx", "--dynamic")
+    code, output = invoke("export", "--adapter", tiny / "lora.safetensors", "--out", tmp_path / "task.onnx")
     assert code == 0, output
     assert "wrote" in output and "(lora)" in output and "batchx3xheightxwidth" in output
     image = tmp_path / "scene.png"
@@ -329,6 +331,60 @@ def test_cli_export_then_predict_onnx(tiny, tmp_path):
     code, torch_output = invoke("predict", image, "--adapter", tiny / "lora.safetensors", "--threshold", "0.0")
     assert code == 0
     assert output.splitlines()[0] == torch_output.splitlines()[0]  # same number of detections
+
+
+def test_default_export_gives_the_detections_of_predict_adapter_on_any_size(tiny, tmp_path):
+    """`adapt export` with no size option, then `adapt predict --onnx` against `adapt predict --adapter` (PyTorch)
+    on images whose sizes are not multiples of 32, landscape and portrait: same boxes, labels and scores."""
+    code, output = invoke("export", "--adapter", tiny / "prompt-tune.safetensors", "--out", tmp_path / "task.onnx")
+    assert code == 0, output
+    paths = []
+    for index, image in enumerate(images([(237, 301), (301, 237)], seed=3)):  # 301x237 and 237x301 (w x h)
+        paths.append(tmp_path / f"scene{index}.png")
+        image.save(paths[-1])
+    records = {}
+    for option, path in (("--onnx", tmp_path / "task.onnx"), ("--adapter", tiny / "prompt-tune.safetensors")):
+        code, output = invoke("predict", *paths, option, path, "--threshold", "0.0", "--json", tmp_path / "dets.json")
+        assert code == 0, output
+        records[option] = json.loads((tmp_path / "dets.json").read_text())
+    ours, theirs = records["--onnx"], records["--adapter"]
+    assert len(theirs) > 10 and len(ours) == len(theirs)
+    for path in paths:
+        mine = sorted((r for r in ours if r["file_name"] == str(path)), key=lambda r: -r["score"])
+        reference = sorted((r for r in theirs if r["file_name"] == str(path)), key=lambda r: -r["score"])
+        assert [r["category_id"] for r in mine] == [r["category_id"] for r in reference]
+        np.testing.assert_allclose([r["score"] for r in mine], [r["score"] for r in reference], rtol=0, atol=1e-4)
+        np.testing.assert_allclose([r["bbox"] for r in mine], [r["bbox"] for r in reference], rtol=0, atol=1e-2)
+
+
+def test_detect_predict_and_the_server_write_the_same_record_keys(tiny, tmp_path):
+    from adapt.serve.schemas import Detection
+
+    image = tmp_path / "scene.png"
+    images([(70, 90)])[0].save(image)
+    runs = {"detect": ["detect", image, "--prompt", "fish. shark. crab", "--base", tiny / "tiny.safetensors"],
+            "predict": ["predict", image, "--adapter", tiny / "prompt-tune.safetensors"],
+            "predict --onnx": ["predict", image, "--onnx", tiny / "prompt-tune.onnx"]}
+    if not (tiny / "prompt-tune.onnx").exists():
+        export_task(tiny / "prompt-tune.safetensors", tiny / "prompt-tune.onnx")
+    keys = {}
+    for name, args in runs.items():
+        code, output = invoke(*args, "--threshold", "0.0", "--json", tmp_path / "out.json")
+        assert code == 0, output
+        records = json.loads((tmp_path / "out.json").read_text())
+        assert records and all(r["file_name"] == str(image) and r["image_id"] == 0 for r in records)
+        assert {r["category"] for r in records} <= {"fish", "shark", "crab"}
+        assert all(r["category_id"] == ["fish", "shark", "crab"].index(r["category"]) + 1 for r in records)
+        keys[name] = {frozenset(r) for r in records}
+    assert keys["detect"] == keys["predict"] == keys["predict --onnx"] == {
+        frozenset({"image_id", "file_name", "category_id", "category", "bbox", "score"})}
+    assert set(Detection.model_fields) == {"category_id", "category", "bbox", "score"}  # the server's, per image
+
+
+def test_fixed_size_is_an_explicit_option_that_says_it_changes_scores():
+    code, output = invoke("export", "--help")
+    assert code == 0 and "--dynamic" not in output
+    assert "zero-padded" in " ".join(output.split()) and "changes the scores" in " ".join(output.split())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -417,7 +473,7 @@ def test_a_merged_model_exports_like_its_adapter(tiny, tmp_path):
     from adapt.adapter import merge_adapter
 
     merge_adapter(tiny / "linear-probe.safetensors", tmp_path / "merged.safetensors")
-    result = export_task(tmp_path / "merged.safetensors", tmp_path / "merged.onnx", dynamic=True)
+    result = export_task(tmp_path / "merged.safetensors", tmp_path / "merged.onnx")
     [image] = images([(64, 64)])
     [theirs] = AdapterDetector.load(tiny / "linear-probe.safetensors").detect(image)
     [ours] = OnnxDetector(result.path).detect(image)

@@ -1,6 +1,6 @@
 """The multi-tenant engine: one frozen GLIP, an adapter pool, and a cross-tenant micro-batcher (no HTTP).
 
-Data flow per batch (design §4.2): requests that arrive within `batch_window_ms` (at most `max_batch`)
+Data flow per batch: requests that arrive within `batch_window_ms` (at most `max_batch`)
 are grouped by padded image size; each group's images go through Swin + FPN ONCE (O0 does not depend
 on the task). Prompt-tuning adapters carry their final P0, so their requests, whatever their tasks,
 share one fusion + head pass with per-sample prompts padded to the longest and masked; the language
@@ -50,6 +50,7 @@ from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
 from backbone.postprocess import Candidates, Postprocessor
 from backbone.processor import GLIPProcessor, load_image, rescale_boxes
+from glip_io.coco import detections_to_results
 
 log = logging.getLogger("adapt.serve")
 
@@ -490,13 +491,8 @@ def _result(request: _Request, final: Candidates) -> DetectResult:
     params, adapter = request.params, request.adapter
     keep = (final.scores > params.threshold).nonzero().flatten()[: params.top_k]  # scores are sorted
     boxes = rescale_boxes(final.boxes[keep], request.image.image_size, request.image.original_size)
-    categories = adapter.adapter.categories
-    detections = []
-    for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), final.scores[keep].tolist(),
-                                              final.labels[keep].tolist()):
-        category = categories[label]
-        detections.append({"bbox": [x1, y1, x2 - x1, y2 - y1], "score": score,
-                           "category_id": int(category.get("id", label + 1)), "category": category["name"]})
+    detections = detections_to_results(None, boxes, final.scores[keep], final.labels[keep],
+                                       adapter.adapter.category_ids, category_names=adapter.adapter.category_names)
     height, width = request.image.original_size
     return DetectResult(task=request.task, adapter_version=adapter.version, strategy=adapter.strategy,
                         width=width, height=height, detections=detections)

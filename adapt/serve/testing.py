@@ -81,7 +81,7 @@ def bomb_bytes(side: int = 20000) -> bytes:
     return buffer.getvalue()
 
 
-# Adapters that are broken in each way a crafted or damaged upload can be (issue #11); every one must be refused
+# Adapters that are broken in each way a crafted or damaged upload can be; every one must be refused
 # by validation, at upload, in the folder and in the CLI.
 FAULTY_KINDS = ("p0_batch_2", "token_ids_float", "category_tokens_float", "tokens_outside_prompt", "unnamed_category",
                 "nan_p0", "inf_p0", "wrong_width", "lora_nan", "lora_wrong_rank", "extra_tensor", "bad_json")

@@ -3,7 +3,7 @@
 A plain PyTorch loop in the manner of nanoGPT's `train.py` and detectron2's `SimpleTrainer`. The
 model is opaque: `loss_fn(model, batch) -> {"loss": Tensor, ...}` does the model-specific work, and
 only parameters with `requires_grad` are trained. The optimiser follows the official GLIP
-`solver/build.py` (FINDINGS §9; `adapt.train.optim`).
+`solver/build.py` (`adapt.train.optim`).
 
 The rest: linear warm-up, then cosine, step or constant decay; a device and a compute dtype (bf16
 autocast on CPU and CUDA, fp16 autocast with GradScaler on CUDA, fp32 master weights); gradient

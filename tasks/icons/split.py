@@ -333,7 +333,7 @@ def classify(codepoint: int, name: str | None, opaque: float) -> str:
 
 
 def build_category_split(render_size: int = 128) -> dict:
-    """Recompute the split from the installed font (about 2 s: renders every glyph once).
+    """Recompute the split from the installed font (slow: renders every glyph once).
 
     Returns the JSON-ready dict stored as `tasks/data/icon_split.json`.
     """
