@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,8 +265,40 @@ def _check_tensors(tensors: dict[str, Tensor], label: str) -> None:
             raise AdapterError(f"{label}: tensor {name} has dtype {tensor.dtype}; weights must be float")
 
 
+# Metadata strings must be text: no lone surrogates (they cannot be encoded, so any reply naming them would fail)
+# and no control characters, except tab and line breaks in the free-text records (training, evaluation, config).
+_NOT_NAME_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_NOT_FREE_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_FREE_TEXT_FIELDS = ("training", "evaluation", "config")
+
+
+def _check_text(value, field_name: str, label: str, pattern: re.Pattern) -> None:
+    """Every string in `value` (a decoded JSON value: keys included) is text by `pattern`'s rule."""
+    if isinstance(value, str):
+        bad = pattern.search(value)
+        if bad:
+            kind = "a lone surrogate" if 0xD800 <= ord(bad[0]) <= 0xDFFF else "a control character"
+            raise AdapterError(f"{label}: metadata {field_name!r} holds {kind} (U+{ord(bad[0]):04X}), which is not "
+                               "text; every name must be valid Unicode text; fix it and re-export the adapter")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, field_name, label, pattern)
+            _check_text(item, field_name, label, pattern)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, field_name, label, pattern)
+
+
+def _check_metadata_text(adapter: Adapter, label: str) -> None:
+    for name in ("strategy", "task", "categories", "caption", "base_model", "base_fingerprint", "lora_config",
+                 "toolkit_version", *_FREE_TEXT_FIELDS):
+        pattern = _NOT_FREE_TEXT if name in _FREE_TEXT_FIELDS else _NOT_NAME_TEXT
+        _check_text(getattr(adapter, name), "prompt" if name == "caption" else name, label, pattern)
+
+
 def validate_adapter(adapter: Adapter, label: str = "adapter", category_tokens: list | None = None) -> None:
-    """Metadata types and the rules of the adapter's strategy (what any base requires; see check_base)."""
+    """Metadata types and text, and the rules of the adapter's strategy (what any base requires; see check_base)."""
+    _check_metadata_text(adapter, label)
     cats, positive = adapter.categories, adapter.positive_map
     if not isinstance(cats, list) or len(cats) != positive.shape[0]:
         raise AdapterError(f"{label}: metadata 'categories' must list {positive.shape[0]} categories, one per row "
@@ -293,6 +326,10 @@ def validate_adapter(adapter: Adapter, label: str = "adapter", category_tokens: 
         if not isinstance(getattr(adapter, key), dict):
             raise AdapterError(f"{label}: metadata {key!r} must be a JSON object")
     _check_strategy(adapter, label)
+    if adapter.lora_config is not None and abs(lora_scale(adapter.lora_config)) > MAX_LORA_SCALE:
+        raise AdapterError(f"{label}: LoRA alpha/r = {lora_scale(adapter.lora_config):.3g} is outside "
+                           f"±{MAX_LORA_SCALE:g}, beyond any scale LoRA training uses; re-train with alpha <= "
+                           f"{MAX_LORA_SCALE:g} x r")
 
 
 def _check_strategy(adapter: Adapter, label: str) -> None:
@@ -341,6 +378,93 @@ def base_fingerprint(model) -> str:
     return cached
 
 
+# How far an adapter may move the base, relative to the base's own magnitudes. Each bound accepts anything
+# training produces, with a wide margin, and refuses values that overflow the forward (a P0 of 1e38, alpha 1e308)
+# or that no training run reaches:
+# - P0: the base's P0 is the output of its text encoder's final LayerNorm, so no token of it is longer than
+#   max|gamma|·sqrt(D) + |beta|. Prompt tuning adds a learned offset; Adam moves each element by at most ~lr per
+#   step, so even lr 0.05 for 400 steps stays within 20·sqrt(D), under 100x that base bound for any LayerNorm with
+#   max|gamma| >= 0.2. Norms from 0 up to 100x the base bound are accepted.
+# - LoRA: alpha/r within ±MAX_LORA_SCALE (64x the largest scale in common use, alpha 16 at r 1), and each update
+#   scale·B·A at most 10x the Frobenius norm of the weight it changes (trained updates are a fraction of it).
+# - weights.* tensors (a linear probe's head tensors, among them the logit scale): within 10x the base tensor's
+#   norm of it, with a floor of one per element for tensors that start at or near zero (biases, log_scale).
+PROMPT_NORM_FACTOR = 100.0
+MAX_LORA_SCALE = 1024.0
+LORA_UPDATE_FACTOR = 10.0
+WEIGHT_CHANGE_FACTOR = 10.0
+
+
+def lora_scale(lora_config: dict) -> float:
+    """alpha / r, what peft multiplies B·A by."""
+    return float(lora_config["alpha"]) / float(lora_config["r"])
+
+
+@dataclass(frozen=True)
+class BaseMagnitudes:
+    """The base's own magnitudes the bounds above are relative to."""
+
+    prompt_norm: float | None  # the longest token its text encoder can output (None: no text encoder)
+    weight_norms: dict[str, float]  # Frobenius norm of every floating tensor of its state dict
+
+
+def base_magnitudes(model) -> BaseMagnitudes:
+    """The magnitudes of `model` (cached on it, like its fingerprint)."""
+    cached = getattr(model, "_adapt_magnitudes", None)
+    if cached is None:
+        from torch import nn
+
+        prompt_norm = None
+        text = getattr(model, "text", None)
+        layer_norms = [m for m in text.modules() if isinstance(m, nn.LayerNorm)] if text is not None else []
+        if layer_norms:  # P0 is the last LayerNorm's output: sqrt(D) unit-variance values scaled by gamma, plus beta
+            final = layer_norms[-1]
+            prompt_norm = float(final.weight.detach().abs().max()) * math.sqrt(final.weight.numel()) + \
+                float(final.bias.detach().norm())
+        norms = {k: float(v.detach().float().norm()) for k, v in model.state_dict().items() if v.is_floating_point()}
+        cached = model._adapt_magnitudes = BaseMagnitudes(prompt_norm, norms)
+    return cached
+
+
+def _frobenius(down: Tensor, up: Tensor) -> float:
+    """|B·A|_F without building B·A when the rank is small: |B·A|_F^2 = sum((BᵀB) * (A·Aᵀ)), in float64."""
+    down, up = down.double(), up.double()
+    if down.shape[0] ** 2 <= up.shape[0] * down.shape[1]:
+        return float(((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt())
+    return float((up @ down).norm())
+
+
+def check_magnitudes(adapter: Adapter, base, path: str | Path = "adapter") -> None:
+    """Refuse an adapter whose P0, LoRA updates or replaced tensors exceed the bounds above for this base."""
+    magnitudes = base_magnitudes(base)
+    if magnitudes.prompt_norm is not None:
+        longest = float(adapter.prompt.hidden.double().norm(dim=-1).max())
+        bound = PROMPT_NORM_FACTOR * magnitudes.prompt_norm
+        if not longest <= bound:
+            raise AdapterError(f"{path}: P0 has a token of norm {longest:.3g}, over this base's bound of {bound:.3g} "
+                               f"({PROMPT_NORM_FACTOR:g}x the longest token its text encoder outputs, "
+                               f"{magnitudes.prompt_norm:.3g}); re-train the prompt, e.g. with a lower --lr")
+    for key, value in adapter.weights.items():
+        reference = magnitudes.weight_norms.get(key)
+        if reference is None or not value.is_floating_point():
+            continue
+        bound = reference + WEIGHT_CHANGE_FACTOR * max(reference, math.sqrt(value.numel()))
+        norm = float(value.double().norm())
+        if not norm <= bound:
+            raise AdapterError(f"{path}: weight {key!r} has norm {norm:.3g}, over the bound of {bound:.3g} (the "
+                               f"base's {reference:.3g} plus {WEIGHT_CHANGE_FACTOR:g}x it); re-train the adapter")
+    if adapter.lora:
+        scale = abs(lora_scale(adapter.lora_config))
+        for key in sorted(k for k in adapter.lora if k.endswith(".lora_A.weight")):
+            module = key.removesuffix(".lora_A.weight")
+            update = scale * _frobenius(adapter.lora[key], adapter.lora[f"{module}.lora_B.weight"])
+            bound = LORA_UPDATE_FACTOR * magnitudes.weight_norms.get(f"{module}.weight", 0.0)
+            if not update <= bound:
+                raise AdapterError(f"{path}: the LoRA update of {module!r} has norm {update:.3g}, over "
+                                   f"{LORA_UPDATE_FACTOR:g}x the norm of the weight it changes ({bound:.3g}); "
+                                   "re-train the adapter")
+
+
 def check_base(adapter: Adapter, base, path: str | Path = "adapter") -> None:
     """Refuse an adapter trained on another base, or whose tensors do not fit this base."""
     ours = base_fingerprint(base)
@@ -376,6 +500,7 @@ def check_base(adapter: Adapter, base, path: str | Path = "adapter") -> None:
             if weight is None or weight.dim() != 2 or (up.shape[0], down.shape[1]) != tuple(weight.shape):
                 raise AdapterError(f"{path}: LoRA target {module!r} is not a linear layer of shape "
                                    f"({up.shape[0]}, {down.shape[1]}) in the base model")
+    check_magnitudes(adapter, base, path)
 
 
 def describe(path: str | Path) -> str:

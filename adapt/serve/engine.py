@@ -47,7 +47,7 @@ from adapt.serve.lora import folded_weights
 from adapt.serve.pool import AdapterPool, LoadedAdapter
 from backbone.device import autocast, resolve_device, resolve_dtype
 from backbone.model import GLIP
-from backbone.outputs import PromptFeatures, VisualFeatures
+from backbone.outputs import HeadOutputs, PromptFeatures, VisualFeatures
 from backbone.postprocess import Candidates, Postprocessor
 from backbone.processor import GLIPProcessor, load_image, rescale_boxes
 from glip_io.coco import detections_to_results
@@ -68,7 +68,12 @@ class EngineConfig:
                                                              "tenant gets HTTP 429 + Retry-After"})
     deadline_s: float = field(default=30.0, metadata={"help": "a request not answered by then is dropped (504)"})
     cache_bytes: int = field(default=256 * 2**20, metadata={"help": "byte bound of the loaded-adapter LRU"})
-    max_upload_bytes: int = field(default=64 * 2**20, metadata={"help": "largest adapter upload"})
+    max_upload_bytes: int = field(default=64 * 2**20, metadata={
+        "help": "largest adapter file in bytes, uploaded or in the adapters folder (a larger file is never read)"})
+    max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank an adapter may have to be served "
+                                                              "(bounds one tenant's compute and memory per request)"})
+    max_prompt_tokens: int = field(default=256, metadata={
+        "help": "longest adapter prompt served, in tokens (bounds one tenant's fusion cost; GLIP's own limit is 256)"})
     max_pixels: int = field(default=25_000_000, metadata={"help": "decompression-bomb guard, width x height"})
     fixed_canvas: bool = field(
         default=False, metadata={"help": "pad every image to one square canvas (max_size) so all can batch; "
@@ -82,6 +87,9 @@ class EngineConfig:
         for name in ("max_batch", "max_queue", "tenant_queue", "cache_bytes", "max_upload_bytes", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be at least 1")
+        if self.max_lora_rank < 1 or self.max_prompt_tokens < 1:
+            raise ValueError(f"EngineConfig: max_lora_rank={self.max_lora_rank} and max_prompt_tokens="
+                             f"{self.max_prompt_tokens} must be at least 1")
         if self.batch_window_ms < 0 or self.deadline_s <= 0:
             raise ValueError(f"EngineConfig: batch_window_ms={self.batch_window_ms} must be >= 0 and "
                              f"deadline_s={self.deadline_s} > 0")
@@ -142,6 +150,10 @@ class AdapterFailed(RuntimeError):
     """A batch failed for one adapter's requests alone (retried apart from the others); names the adapter."""
 
 
+class NonFiniteOutput(RuntimeError):
+    """An adapter's samples came out with NaN or Inf scores, boxes or centerness: a fault of that adapter."""
+
+
 @dataclass
 class _Request:
     task: str
@@ -172,7 +184,8 @@ class MultiTenantEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.base = base.eval().requires_grad_(False)
         self.pool = AdapterPool(base, adapters_dir, max_bytes=config.cache_bytes, device=self.device,
-                                max_upload_bytes=config.max_upload_bytes)  # fingerprints the full base first
+                                max_upload_bytes=config.max_upload_bytes, max_lora_rank=config.max_lora_rank,
+                                max_prompt_tokens=config.max_prompt_tokens)  # fingerprints the full base first
         if not config.keep_text:
             self.base.text = None  # prompt features come from adapters: BERT never runs here
         self.base.to(self.device)
@@ -428,8 +441,9 @@ class MultiTenantEngine:
                 continue
             quarantined = self.pool.record_failure(group[0].adapter)
             self.metrics.inc("adapt_adapter_failures_total", task=name)
+            reason = "its outputs were NaN or Inf" if isinstance(error, NonFiniteOutput) else type(error).__name__
             failure = AdapterFailed(
-                f"adapter {name!r} (version {version}) failed at run time ({type(error).__name__})"
+                f"adapter {name!r} (version {version}) failed at run time ({reason})"
                 + ("; it is now quarantined until an admin uploads a new version" if quarantined else
                    "; the admin should replace it"))
             for request in group:
@@ -460,6 +474,7 @@ class MultiTenantEngine:
             else:
                 outputs = torch.func.functional_call(self.base, overrides, (prompt,),
                                                      {"visual": _select(visual, indices)})
+            _check_finite(outputs, [requests[i].adapter for i in indices])
             maps = [_pad_map(requests[i].adapter.adapter.positive_map, prompt.length) for i in indices]
             for i, final in zip(indices, self.postprocessor(outputs, maps)):
                 results[i] = _result(requests[i], final)
@@ -471,6 +486,16 @@ class MultiTenantEngine:
         if adapter.lora is None:
             return adapter.overrides
         return {**adapter.overrides, **folded_weights(self._base_weights, adapter.lora)}
+
+
+def _check_finite(outputs: HeadOutputs, adapters: list[LoadedAdapter]) -> None:
+    """Raise NonFiniteOutput naming an adapter whose samples hold NaN or Inf: otherwise the postprocessor would drop
+    them silently and answer with no detections."""
+    finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in
+                          (outputs.alignment_logits, outputs.box_deltas, outputs.centerness)]).all(0)  # (b,)
+    if not bool(finite.all()):
+        bad = adapters[int((~finite).nonzero()[0])]
+        raise NonFiniteOutput(f"adapter {bad.name!r} (version {bad.version}) produced NaN or Inf outputs")
 
 
 def _select(visual: VisualFeatures, indices: list[int]) -> VisualFeatures:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from glip_io import atomic_write
 from adapt.adapter import Adapter, AdapterError, base_fingerprint, load_adapter, weight_overrides
+from adapt.adapter import base_magnitudes, lora_scale
 from adapt.serve.lora import LoRAFactors
 from backbone.outputs import PromptFeatures
 
@@ -120,15 +121,17 @@ class LoadedAdapter:
 
 
 class _BaseView:
-    """What `check_base` reads of the base (config, fingerprint, names/shapes/dtypes of its tensors), cached.
+    """What `check_base` reads of the base (config, fingerprint, magnitudes, names/shapes/dtypes of its tensors),
+    cached.
 
-    `GLIP.state_dict()` walks every module (~ms for GLIP-T); verification needs only shapes and dtypes,
+    `GLIP.state_dict()` walks every module (~ms for GLIP-T); verification needs only shapes, dtypes and norms,
     so a dict of meta tensors built once keeps a cold prompt-adapter load at a few milliseconds.
     """
 
     def __init__(self, base, fingerprint: str):
         self.config = base.config
         self._adapt_fingerprint = fingerprint
+        self._adapt_magnitudes = base_magnitudes(base)  # while the base still has its text encoder
         self._state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in base.state_dict().items()}
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -165,13 +168,16 @@ class AdapterPool:
         base: the frozen GLIP every adapter must have been trained on.
         directory: where `<name>.safetensors` files live (created if missing; uploads go here).
         max_bytes: bound on the loaded adapters' tensor bytes; least recently used ones are evicted.
-        max_upload_bytes: largest adapter file `put` accepts.
+        max_upload_bytes: largest adapter file, uploaded or in the directory (a larger one is never read).
         device: where loaded adapters' tensors live (the model's device).
         max_failures: run-time failures after which an adapter version is quarantined.
+        max_lora_rank: largest LoRA rank served (bounds one adapter's compute and memory).
+        max_prompt_tokens: longest adapter prompt served, in tokens (bounds one adapter's fusion cost).
     """
 
     def __init__(self, base, directory: str | Path, *, max_bytes: int = 256 * 2**20,
-                 max_upload_bytes: int = 64 * 2**20, device: torch.device | str = "cpu", max_failures: int = 2):
+                 max_upload_bytes: int = 64 * 2**20, device: torch.device | str = "cpu", max_failures: int = 2,
+                 max_lora_rank: int = 64, max_prompt_tokens: int = 256):
         self.base = base
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -179,12 +185,16 @@ class AdapterPool:
         self.max_upload_bytes = max_upload_bytes
         self.device = torch.device(device)
         self.max_failures = max_failures
+        self.max_lora_rank = max_lora_rank
+        self.max_prompt_tokens = max_prompt_tokens
         self.fingerprint = base_fingerprint(base)
         self._base_view = _BaseView(base, self.fingerprint)
         self._cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
-        self._refused: dict[str, tuple[tuple, AdapterError]] = {}  # name -> (file stamp, why), until it changes
+        # name -> (file stamp, why), until the file changes. Only the message: an exception's traceback would keep
+        # the frames of the failed load alive, and with them whatever they had read.
+        self._refused: dict[str, tuple[tuple, str]] = {}
         self._failures: dict[tuple[str, str], int] = {}  # (name, version) -> run-time failures
         self.hits = self.misses = self.evictions = self.loads = 0
 
@@ -224,15 +234,17 @@ class AdapterPool:
                 return self._unless_quarantined(entry)
             refused = self._refused.get(name)
             if refused is not None and refused[0] == stamp:
-                raise AdapterError(str(refused[1]))  # the same bad file: refused again without parsing it again
+                raise AdapterError(refused[1])  # the same bad file: refused again without reading it again
             self.misses += 1
         try:
             entry = self._load(name, path)
         except AdapterError as error:
+            entry, refusal = None, str(error)
+        if entry is None:  # raised outside the handler, so that no chained exception keeps the failed load's frames
             with self._lock:
                 self._drop(name)
-                self._refused[name] = (stamp, error)
-            raise
+                self._refused[name] = (stamp, refusal)
+            raise AdapterError(refusal)
         with self._lock:
             self._refused.pop(name, None)
             self._insert(entry)
@@ -258,27 +270,53 @@ class AdapterPool:
                     "quarantined": sum(n >= self.max_failures for n in self._failures.values())}
 
     def _load(self, name: str, path: Path) -> LoadedAdapter:
+        """Read a file of the directory: its size checked first (stat), then parsed through safetensors' own
+        reader and hashed in blocks, so no more than the size cap is ever read and nothing keeps the raw bytes."""
         start = time.perf_counter()
-        for _ in range(3):  # retry if the file is replaced while we read it
-            before = _stamp(path)
-            data = path.read_bytes()
-            adapter = _verified(self._base_view, path, name)
-            if _stamp(path) == before:
-                break
-        else:
-            raise AdapterError(f"adapter {name!r} keeps changing while it is read; retry")
-        entry = self._attach(name, adapter, hashlib.sha256(data).hexdigest()[:16], before)
+        try:
+            for _ in range(3):  # retry if the file is replaced while we read it
+                before = _stamp(path)
+                self._check_size(name, before[1])
+                adapter = _verified(self._base_view, path, name)
+                version = _file_version(path)
+                if _stamp(path) == before:
+                    break
+            else:
+                raise AdapterError(f"adapter {name!r} keeps changing while it is read; retry")
+            entry = self._attach(name, adapter, version, before)
+        except AdapterError:
+            raise
+        except Exception as error:  # a refusal naming the adapter, never a 500
+            raise AdapterError(f"adapter {name!r} cannot be used ({type(error).__name__}); re-export it") from None
         entry.load_seconds = time.perf_counter() - start
         self.loads += 1
         return entry
 
+    def _check_size(self, name: str, size: int) -> None:
+        if size > self.max_upload_bytes:
+            raise AdapterError(f"adapter {name!r} is {size:,} bytes, over this server's limit of "
+                               f"{self.max_upload_bytes:,} bytes per adapter file (max_upload_bytes); serve a "
+                               "smaller adapter (lower LoRA rank, fewer targets) or raise the limit")
+
+    def _check_cost(self, name: str, adapter: Adapter) -> None:
+        """The server's bounds on what one adapter may cost per request."""
+        if adapter.prompt.length > self.max_prompt_tokens:
+            raise AdapterError(f"adapter {name!r} has a prompt of {adapter.prompt.length} tokens, over this server's "
+                               f"limit of {self.max_prompt_tokens} (max_prompt_tokens); shorten the category names "
+                               "or descriptions and re-train")
+        rank = (adapter.lora_config or {}).get("r", 0)
+        if rank > self.max_lora_rank:
+            raise AdapterError(f"adapter {name!r} has LoRA rank {rank}, over this server's limit of "
+                               f"{self.max_lora_rank} (max_lora_rank); re-train with a lower --lora-r")
+
     def _attach(self, name: str, adapter: Adapter, version: str, stamp) -> LoadedAdapter:
         if adapter.strategy == "finetune":
             weight_overrides(adapter, self.base)  # raises the "load it as its own model" AdapterError
+        self._check_cost(name, adapter)
         lora = None
         if adapter.strategy == "lora":
             targets = adapter.lora_config["target_modules"]
-            scale = float(adapter.lora_config["alpha"]) / float(adapter.lora_config["r"])
+            scale = lora_scale(adapter.lora_config)
             lora = LoRAFactors({t: adapter.lora[f"{t}.lora_A.weight"].to(self.device) for t in targets},
                                {t: adapter.lora[f"{t}.lora_B.weight"].to(self.device) for t in targets}, scale)
             adapter.lora = {}  # the factors above are what runs; no dense copy of any weight is made
@@ -350,9 +388,7 @@ class AdapterPool:
             InvalidAdapterName, AdapterError (not safetensors, too large, wrong base, full fine-tune, ...).
         """
         path = self.path(name)
-        if len(data) > self.max_upload_bytes:
-            raise AdapterError(f"adapter upload is {len(data):,} bytes, over the limit of {self.max_upload_bytes:,}; "
-                               "raise max_upload_bytes if this adapter is meant to be served")
+        self._check_size(name, len(data))
         _check_safetensors_header(data)
         try:
             with tempfile.NamedTemporaryFile(dir=self.directory, prefix=f".{name}.", suffix=".upload") as staged:
@@ -381,6 +417,12 @@ class AdapterPool:
             except FileNotFoundError:
                 return False
         return True
+
+
+def _file_version(path: Path) -> str:
+    """First 16 hex digits of the file's sha256, read in blocks (the version a client sees)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
 
 
 def _verified(base_view, path, name: str) -> Adapter:

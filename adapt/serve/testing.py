@@ -136,8 +136,9 @@ def chromium_path() -> str | None:
                              shutil.which("google-chrome")) if p), None)
 
 
-def serve_in_thread(app, timeout_s: float = 30.0):
-    """Run `app` under uvicorn on a free 127.0.0.1 port in a daemon thread; a context manager yielding its URL."""
+def serve_in_thread(app, timeout_s: float = 30.0, limits=None):
+    """Run `app` under uvicorn on a free 127.0.0.1 port in a daemon thread, configured as `adapt serve` runs it
+    (`limits`: its HTTPLimits, for the read timeouts); a context manager yielding its URL."""
     import contextlib
     import socket
     import threading
@@ -145,12 +146,15 @@ def serve_in_thread(app, timeout_s: float = 30.0):
 
     import uvicorn
 
+    from adapt.serve.app import HTTPLimits
+    from adapt.serve.server import http_config
+
     @contextlib.contextmanager
     def running():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(http_config(app, limits or HTTPLimits(), port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + timeout_s

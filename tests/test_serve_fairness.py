@@ -1,0 +1,187 @@
+"""A fair share for every tenant: per-tenant bounded queues, batches by fair queuing over measured compute,
+429 + Retry-After for the tenant over its share, and a flooding tenant that never makes another one fail."""
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+from adapt.adapter import save_adapter  # noqa: E402
+from adapt.serve.admission import FairQueue, QueueFull, TenantOverShare  # noqa: E402
+from adapt.serve.app import serve_engine  # noqa: E402
+from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine  # noqa: E402
+from adapt.serve.tenancy import Tenancy, hash_key  # noqa: E402
+from adapt.serve.testing import image_bytes, make_adapter, serve_in_thread, tiny_base, write_adapter  # noqa: E402
+from adapt.strategies import LORA_DEFAULT_TARGETS  # noqa: E402
+from backbone.processor import GLIPProcessor  # noqa: E402
+
+KEYS = {"team-a": "key-a-0123456789", "team-b": "key-b-0123456789", "ops": "key-admin-0123456789"}
+# B's prompt: as many categories as fit the tiny base's 256-token prompt
+HEAVY_CATEGORIES = [f"{word} {i}" for i in range(40) for word in ("red", "blue")][:60]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def heaviest_lora(base, processor, rank: int):
+    """B's adapter: a LoRA of `rank` on every default target of the base, with the longest prompt B may send."""
+    import re
+
+    adapter = make_adapter(base, processor, "heavy", HEAVY_CATEGORIES, strategy="lora", seed=4)
+    generator = torch.Generator().manual_seed(5)
+    targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(
+        LORA_DEFAULT_TARGETS, n)]
+    lora = {}
+    for name in targets:
+        out_dim, in_dim = base.get_submodule(name).weight.shape
+        lora[f"{name}.lora_A.weight"] = 0.01 * torch.randn(rank, in_dim, generator=generator)
+        lora[f"{name}.lora_B.weight"] = 0.01 * torch.randn(out_dim, rank, generator=generator)
+    adapter.lora, adapter.lora_config = lora, {"r": rank, "alpha": rank, "target_modules": targets}
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("adapters")
+    base = tiny_base()
+    processor = GLIPProcessor.from_config(base.config)
+    write_adapter(base, processor, directory, "alpha", ["cat", "dog"])
+    rank = getattr(EngineConfig(), "max_lora_rank", 64)  # the largest rank the server accepts
+    save_adapter(heaviest_lora(base, processor, rank), directory / "heavy.safetensors")
+    return directory
+
+
+def tenancy() -> Tenancy:
+    return Tenancy.from_dict({
+        "tenants": [{"name": "team-a", "key_sha256": hash_key(KEYS["team-a"]), "tasks": ["alpha"]},
+                    {"name": "team-b", "key_sha256": hash_key(KEYS["team-b"]), "tasks": ["heavy"]}],
+        "admins": [{"name": "ops", "key_sha256": hash_key(KEYS["ops"])}]})
+
+
+# ------------------------------------------------------------------------------------------ the scheduler
+
+
+def test_each_tenant_has_its_own_bounded_queue_and_the_fullest_makes_room():
+    queue = FairQueue(max_total=4, per_tenant=3)
+    for i in range(3):
+        assert queue.put("b", f"b{i}") is None
+    with pytest.raises(TenantOverShare, match="at most 3 per tenant") as over:
+        queue.put("b", "b3")
+    assert over.value.retry_after_s >= 1
+    assert queue.put("a", "a0") is None  # B's backlog does not touch A's room
+    assert queue.put("c", "c0") == "b2"  # the queue is full: the tenant holding the most loses its newest
+    with pytest.raises(TenantOverShare, match="no fewer than any other"):
+        queue.put("c", "c1")  # B holds 2, C 1: C would become the one over its share
+    assert queue.put("d", "d0") == "b1"  # everyone holds 1 now
+    with pytest.raises(QueueFull) as full:
+        queue.put("e", "e0")
+    assert type(full.value) is QueueFull  # no tenant holds more than E's share: overload, not E's fault
+    assert sorted(item for _, item in queue.take(10, 0.0)) == ["a0", "b0", "c0", "d0"] and len(queue) == 0
+
+
+def test_batches_share_measured_compute_not_request_counts():
+    queue = FairQueue(max_total=100, per_tenant=50)
+    queue.charge({"light": 1}, 0.1)  # what single-tenant batches measured: B's requests cost 10x A's
+    queue.charge({"heavy": 1}, 1.0)
+    for i in range(40):
+        queue.put("light", i)
+        queue.put("heavy", i)
+    served = []
+    for _ in range(22):
+        [(tenant, _)] = queue.take(1, 0.0)
+        served.append(tenant)
+        queue.charge({tenant: 1}, 0.1 if tenant == "light" else 1.0)
+    assert served.count("heavy") == 2 and served.count("light") == 20  # equal compute: 2.0 s each
+    # A mixed batch is split by the tenants' measured cost per request, not evenly.
+    split = queue.charge({"light": 1, "heavy": 1}, 1.1)
+    assert split["heavy"] == pytest.approx(1.0, rel=0.05) and split["light"] == pytest.approx(0.1, rel=0.05)
+
+
+def test_an_idle_tenant_banks_no_credit():
+    queue = FairQueue(max_total=100, per_tenant=50)
+    for i in range(10):
+        queue.put("busy", i)
+    for _ in range(5):
+        [(tenant, _)] = queue.take(1, 0.0)
+        queue.charge({tenant: 1}, 1.0)
+    for i in range(5):  # idle until now: it starts level with the busy tenant, not 5 s of compute ahead
+        queue.put("late", i)
+    order = [tenant for tenant, _ in queue.take(4, 0.0)]
+    assert order == ["busy", "late", "busy", "late"]  # alternating, not late four times first
+
+
+# --------------------------------------------------------------------------------------------- over HTTP
+
+
+def test_a_tenant_over_its_share_gets_429_with_retry_after(adapters_dir):
+    engine = MultiTenantEngine(tiny_base(), adapters_dir, EngineConfig(tenant_queue=2, max_batch=1))
+    app = serve_engine(engine, tenancy())
+    with serve_in_thread(app) as url:
+        release = threading.Event()
+        original = engine._process
+        engine._process = lambda batch: (release.wait(30), original(batch))
+        image, params = engine.prepare(image_bytes()), DetectParams(0.0, 3)
+        held = [engine.submit("heavy", image, params, tenant="team-b")]
+        deadline = time.monotonic() + 10
+        while engine._queue.waiting("team-b") and time.monotonic() < deadline:  # the batcher holds it
+            time.sleep(0.01)
+        held += [engine.submit("heavy", image, params, tenant="team-b") for _ in range(2)]  # B's share: 2 waiting
+        files = {"image": ("x.png", image_bytes(), "image/png")}
+        r = httpx.post(f"{url}/v1/tasks/heavy/detect", files=files,
+                       headers={"Authorization": f"Bearer {KEYS['team-b']}"}, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "over_share"
+        assert int(r.headers["Retry-After"]) >= 1 and "at most 2 per tenant" in r.json()["error"]["message"]
+        release.set()
+        assert all(f.result(30).task == "heavy" for f in held)
+        a = httpx.post(f"{url}/v1/tasks/alpha/detect", files=files,
+                       headers={"Authorization": f"Bearer {KEYS['team-a']}"}, timeout=30)
+        assert a.status_code == 200
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['ops']}"}).text
+    assert 'adapt_rejected_total{reason="tenant_over_share"} 1.0' in text
+    assert 'adapt_tenant_compute_seconds_total{tenant="team-a"}' in text
+    assert 'adapt_tenant_requests_total{tenant="team-b"} 3.0' in text
+
+
+def test_a_flooding_tenant_never_makes_another_fail(adapters_dir):
+    """B floods with its heaviest allowed adapter at 10x A's rate (open loop: 40 and 4 requests a second, more than
+    the tiny model serves of B's). The global queue is smaller than B's backlog, so without per-tenant queues A
+    would be refused or expire behind B; with them, only B is refused."""
+    config = EngineConfig(max_batch=4, batch_window_ms=2.0, max_queue=8, tenant_queue=4, deadline_s=20.0)
+    engine = MultiTenantEngine(tiny_base(), adapters_dir, config)
+    image = image_bytes(96, 64, seed=1)
+
+    async def open_loop(url: str) -> list[tuple[str, int]]:
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=256)) as client:
+            async def call(tenant: str, task: str, at_s: float) -> tuple[str, int]:
+                await asyncio.sleep(at_s)
+                try:
+                    r = await client.post(f"/v1/tasks/{task}/detect", files={"image": ("x.png", image, "image/png")},
+                                          data={"threshold": "0.0"},
+                                          headers={"Authorization": f"Bearer {KEYS[tenant]}"})
+                    return tenant, r.status_code
+                except httpx.HTTPError:
+                    return tenant, -1
+
+            calls = [call("team-a", "alpha", 0.5 + i * 0.25) for i in range(12)]
+            calls += [call("team-b", "heavy", i * 0.025) for i in range(150)]
+            return await asyncio.gather(*calls)
+
+    with serve_in_thread(serve_engine(engine, tenancy())) as url:
+        outcomes = asyncio.run(open_loop(url))
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['ops']}"}).text
+    a = [status for tenant, status in outcomes if tenant == "team-a"]
+    b = [status for tenant, status in outcomes if tenant == "team-b"]
+    assert a == [200] * 12  # A: 0 failures
+    assert b.count(429) > 0 and set(b) <= {200, 429}  # B alone pays for its flood; none of its accepted requests expire
+    assert 'adapt_rejected_total{reason="tenant_over_share"}' in text and 'reason="queue_full"' not in text
+    for tenant in ("team-a", "team-b"):
+        assert f'adapt_tenant_compute_seconds_total{{tenant="{tenant}"}}' in text
