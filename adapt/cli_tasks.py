@@ -1,4 +1,4 @@
-"""`adapt tasks ...`: list, show, fetch and generate detection tasks.
+"""`adapt tasks ...`: list, show, inspect, fetch and generate detection tasks.
 
 The data root is `--root`, else `$ADAPT_DATA`, else the user cache dir (`tasks.default_data_root()`);
 this module is the only place that reads the environment for it.
@@ -62,7 +62,7 @@ def list_command(suite: Optional[str] = typer.Option(None, help="odinw13, odinw3
 
 
 @tasks_app.command("show")
-def show_command(name: str = typer.Argument(..., help="Task name or task file (.yaml/.json)."),
+def show_command(name: str = typer.Argument(..., help="Task name, task file (.yaml/.json) or dataset folder."),
                  render: int = typer.Option(0, help="Write a contact sheet of this many samples."),
                  out: Optional[Path] = typer.Option(None, help="PNG path for --render (default: <name>.png)."),
                  split: Optional[str] = typer.Option(None, help="Split to render (default: train, else the first)."),
@@ -95,6 +95,36 @@ def show_command(name: str = typer.Argument(..., help="Task name or task file (.
     except (DataNotFoundError, DataError, KeyError) as e:
         _fail(str(e).strip("'\""))
     typer.echo(f"wrote {path} ({min(render, len(dataset))} samples of {split_name}; {dataset.report.summary()})")
+
+
+@tasks_app.command("inspect")
+def inspect_command(name: str = typer.Argument(..., help="Dataset folder (COCO, Roboflow COCO, YOLO, Pascal VOC), "
+                                                         "task name or task file."),
+                    root: Optional[Path] = typer.Option(None, help=ROOT_HELP)) -> None:
+    """Load every split and print the format, splits, categories, image and box counts, and every problem."""
+    import warnings
+
+    from tasks.formats.inspection import inspect_task
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = _get(name, resolve_data_root(root))
+    splits = inspect_task(task)
+    typer.echo(f"{task.name}: {task.source}")
+    typer.echo(f"categories ({len(task.categories)}): {', '.join(task.category_names)}")
+    typer.echo(f"{'split':10} {'images':>7} {'boxes':>7}  source")
+    for s in splits:
+        counts = f"{s.images:>7} {s.boxes:>7}" if s.error is None else f"{'-':>7} {'-':>7}"
+        typer.echo(f"{s.name:10} {counts}  {s.source}" + ("  (did not load)" if s.error else ""))
+    loaded = [s for s in splits if s.error is None]
+    if loaded:
+        typer.echo("boxes per category:")
+        for cat in task.category_names:
+            typer.echo(f"  {cat:24} " + "  ".join(f"{s.name} {s.boxes_per_category[cat]}" for s in loaded))
+    problems = [str(w.message) for w in caught] + [f"{s.name}: {line}" for s in splits for line in s.problems]
+    typer.echo(f"problems ({len(problems)}):" if problems else "problems: none")
+    for line in problems:
+        typer.echo(f"  {line}")
 
 
 @tasks_app.command("fetch")

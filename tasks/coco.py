@@ -51,9 +51,12 @@ class LoadReport:
     renamed_categories: list[str] = field(default_factory=list)
     images_without_annotations: int = 0
     exif_ignored: int = 0
+    skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{self.num_images} images, {self.num_annotations} boxes"]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} records skipped (first: {self.skipped[0]})")
         if self.images_without_annotations:
             parts.append(f"{self.images_without_annotations} images without boxes")
         if self.clipped_boxes:
@@ -131,16 +134,23 @@ class CocoDetection:
             takes the file's categories in id order (after dropping Roboflow's id 0).
         box_policy: "clip" (default) or "error" for boxes partly outside their image.
         check_files: verify on load that every image file exists.
+        data: the COCO dict itself, read from another format (`tasks.formats`); `ann_file` then names the
+            source in messages.
+        skipped: the records that reader left out, one line each; kept in `report.skipped` and warned once.
     """
 
     def __init__(self, ann_file: str | Path, img_dir: str | Path, *, categories: Sequence[Category] | None = None,
-                 box_policy: str = "clip", check_files: bool = True):
+                 box_policy: str = "clip", check_files: bool = True, data: dict | None = None,
+                 skipped: Sequence[str] = ()):
         if box_policy not in BOX_POLICIES:
             raise ValueError(f"box_policy must be one of {BOX_POLICIES}, got {box_policy!r}")
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
-        self.report = LoadReport(ann_file=str(self.ann_file))
-        data = _read_json(self.ann_file)
+        self.report = LoadReport(ann_file=str(self.ann_file), skipped=list(skipped))
+        if skipped:
+            warnings.warn(f"{self.ann_file}: {len(skipped)} records skipped, first: {skipped[0]} "
+                          "(`adapt tasks inspect` lists them all)", stacklevel=3)
+        data = _read_json(self.ann_file) if data is None else data
         self.categories, file_cats = self._resolve_categories(data, categories)
         self._validate_and_clean(data, file_cats, box_policy)
         if check_files:

@@ -1,27 +1,36 @@
 """Flat registry of tasks (name -> Task) and user task files.
 
-A user task file (YAML or JSON) points at a COCO-format folder::
+A dataset folder is a task: its format (COCO as Roboflow exports it or in the standard layout, YOLO,
+Pascal VOC) is detected by `tasks.formats`. A user task file (YAML or JSON) names such a folder and can add
+prompt descriptions::
 
     name: my-parts                 # optional, default: the file name
-    data: ../exports/parts         # folder, relative to this file; Roboflow or plain COCO layout
-    categories:                    # optional, default: read from the annotation file
-      - screw
+    data: ../exports/parts         # folder, relative to this file; any format tasks.formats detects
+    categories:                    # optional: prompt descriptions, matched to the data's categories by name
       - {name: washer, suffix: " which is flat and round"}
-    splits:                        # optional, default: detected from the folder layout
-      train: {ann_file: train/_annotations.coco.json, img_dir: train}
     eval_split: test               # optional
 
-`get_task("path/to/task.yaml")` loads it; `get_task("aquarium")` looks the name up.
+Or it lists COCO files itself, categories then matched by position (or `id`) rather than by name::
+
+    data: ../exports/parts
+    categories: [screw, washer]    # optional, default: read from the first annotation file
+    splits:
+      train: {ann_file: train/_annotations.coco.json, img_dir: train}
+
+`get_task("path/to/task.yaml")` loads a task file, `get_task("path/to/folder")` a dataset folder, and
+`get_task("aquarium")` looks the name up.
 """
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
 
 from tasks.category import Category
+from tasks.formats import folder_task
 from tasks.task import SPLIT_ALIASES, SplitSpec, Task
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -77,30 +86,42 @@ def _key(name: str) -> str:
 
 
 def get_task(name_or_path: str | Path, data_root: str | Path | None = None) -> Task:
-    """A task by registry name (case and punctuation ignored: "thermalDogsAndPeople" works) or task file path.
+    """A task by registry name (case and punctuation ignored: "thermalDogsAndPeople" works), task file path or
+    dataset folder (`tasks.formats.folder_task`).
 
+    A name that is both a registered task and a folder here is the registered task; write `./name` for the folder.
     Built-in tasks are bound to `data_root` (default `default_data_root()`).
     Raises:
         UnknownTaskError: no such task; the message lists close matches.
+        FileNotFoundError: a path that does not exist.
+        tasks.coco.DataError: a folder of no known format; the message says what each format needs.
     """
     text = str(name_or_path)
-    if text.endswith(TASK_FILE_SUFFIXES) or Path(text).is_file():
-        return load_task_file(text)
+    path = Path(text).expanduser()
+    if text.endswith(TASK_FILE_SUFFIXES) or path.is_file():
+        return load_task_file(path)
+    looks_like_path = isinstance(name_or_path, Path) or "/" in text or os.sep in text or text.startswith((".", "~"))
+    if looks_like_path:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{text}: no such dataset folder or task file")
+        return folder_task(path)
     tasks = registry()
     task = tasks.get(text)
     if task is None:
         by_key = {_key(n): t for n, t in tasks.items()}
         task = by_key.get(_key(text))
+    if task is None and path.is_dir():
+        return folder_task(path)
     if task is None:
         close = difflib.get_close_matches(text.lower(), list(tasks), n=3, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UnknownTaskError(f"unknown task {text!r}.{hint} (see `adapt tasks list`; a task file must end in "
-                               f"{'/'.join(TASK_FILE_SUFFIXES)})")
+                               f"{'/'.join(TASK_FILE_SUFFIXES)}; a dataset folder must exist)")
     return task.bind(data_root if data_root is not None else default_data_root())
 
 
 def load_task_file(path: str | Path) -> Task:
-    """A task from a YAML/JSON file pointing at a COCO-format folder (see the module docstring)."""
+    """A task from a YAML/JSON file pointing at a dataset folder (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} not found")
@@ -118,13 +139,18 @@ def load_task_file(path: str | Path) -> Task:
         raise ValueError(f"{path}: a task file is a mapping with at least `data: <folder>`")
     _check_keys(spec, _FILE_KEYS, f"{path}")
     if "data" not in spec:
-        raise ValueError(f"{path}: missing `data:` (the COCO-format folder, relative to the task file)")
+        raise ValueError(f"{path}: missing `data:` (the dataset folder, relative to the task file)")
     root = (path.parent / str(spec["data"])).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{path}: data folder {root} does not exist")
-    splits = _file_splits(spec.get("splits"), root, path)
-    categories = _file_categories(spec.get("categories"), splits, root, path)
     eval_split = SPLIT_ALIASES.get(str(spec.get("eval_split", "")), spec.get("eval_split"))
+    if spec.get("splits") is None:  # the folder's own layout, in any format; this file names it and describes
+        descriptions = _file_categories(spec["categories"], {}, root, path) if spec.get("categories") else ()
+        return folder_task(root, name=str(spec.get("name") or path.stem), descriptions=descriptions,
+                           eval_split=eval_split, description=str(spec.get("description", "")),
+                           task_file=path)
+    splits = _file_splits(spec["splits"], path)
+    categories = _file_categories(spec.get("categories"), splits, root, path)
     if eval_split is None:
         eval_split = next((s for s in ("test", "valid", "val") if s in splits), next(iter(splits)))
     if eval_split not in splits:
@@ -142,12 +168,7 @@ def _check_keys(mapping: dict, allowed: set[str], where: str) -> None:
             raise ValueError(f"{where}: unknown key {key!r}{hint}; allowed: {sorted(allowed)}")
 
 
-def _file_splits(spec, root: Path, path: Path) -> dict[str, SplitSpec]:
-    from tasks.coco import find_coco_splits
-
-    if spec is None:
-        return {SPLIT_ALIASES.get(name, name): SplitSpec((str(ann.relative_to(root)),), str(img.relative_to(root)))
-                for name, (ann, img) in find_coco_splits(root).items()}
+def _file_splits(spec, path: Path) -> dict[str, SplitSpec]:
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"{path}: `splits` maps split names to {{ann_file, img_dir}}")
     out = {}

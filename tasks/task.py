@@ -25,10 +25,14 @@ class SplitSpec:
     Attributes:
         ann_files: candidate annotation files; the first that exists is used (the loader reports which).
         img_dir: folder the `file_name`s of the annotation file are relative to.
+        read: for data in another format (a YOLO or VOC folder, see `tasks.formats`): a function returning
+            the split as a COCO dict and the lines of the records it skipped; `ann_files` then name the
+            source for messages.
     """
 
     ann_files: tuple[str, ...]
     img_dir: str
+    read: Callable[[], tuple[dict, list[str]]] | None = field(default=None, compare=False, repr=False)
 
 
 def roboflow_splits(prefix: str = "", names: Sequence[str] = ("train", "valid", "test"),
@@ -166,7 +170,10 @@ class Task:
                 raise
             self.prepare()
             ann_file, img_dir = self.split_paths(name)
-        return CocoDetection(ann_file, img_dir, categories=self.categories, **loader_options)
+        read = self.splits[self.split_name(name)].read
+        data, skipped = read() if read is not None else (None, ())
+        return CocoDetection(ann_file, img_dir, categories=self.categories, data=data, skipped=skipped,
+                             **loader_options)
 
     def _require_root(self) -> Path:
         if self.root is None:
