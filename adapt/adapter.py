@@ -293,7 +293,7 @@ def _check_metadata_text(adapter: Adapter, label: str) -> None:
     for name in ("strategy", "task", "categories", "caption", "base_model", "base_fingerprint", "lora_config",
                  "toolkit_version", *_FREE_TEXT_FIELDS):
         pattern = _NOT_FREE_TEXT if name in _FREE_TEXT_FIELDS else _NOT_NAME_TEXT
-        _check_text(getattr(adapter, name), "prompt" if name == "caption" else name, label, pattern)
+        _check_text(getattr(adapter, name, None), "prompt" if name == "caption" else name, label, pattern)
 
 
 def validate_adapter(adapter: Adapter, label: str = "adapter", category_tokens: list | None = None) -> None:

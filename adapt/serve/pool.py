@@ -401,7 +401,11 @@ class AdapterPool:
         except Exception as error:  # a refusal, never a 500 that half-applies
             raise AdapterError(f"adapter {name!r} cannot be used ({type(error).__name__}); re-export it") from None
         with self._lock:
-            atomic_write(path, data)  # readers see the old file or the new one
+            try:
+                atomic_write(path, data)  # readers see the old file or the new one
+            except OSError as error:
+                raise AdapterError(f"adapter {name!r} could not be stored ({type(error).__name__}); the served "
+                                   "version is unchanged; retry, or ask the admin to free disk space") from None
             entry.stamp = _stamp(path)
             self._refused.pop(name, None)
             self._insert(entry)
