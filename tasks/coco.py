@@ -285,7 +285,7 @@ class CocoDetection:
         clipped, first_clipped = 0, None
         for i, ann in enumerate(anns):
             aid = ann.get("id") if isinstance(ann, dict) else None
-            label = f"annotations[{i}] (id {aid})"
+            label = ann.get("origin") or f"annotations[{i}] (id {aid})"  # origin: the line a format reader read
             if not isinstance(aid, int) or isinstance(aid, bool):
                 problems.append(f"annotations[{i}]: missing or non-integer id ({_short(ann)})")
                 continue
@@ -393,8 +393,9 @@ def find_coco_splits(folder: str | Path) -> dict[str, tuple[Path, Path]]:
     """Detect the layout of a COCO-format folder; returns split -> (annotation file, image folder).
 
     Understands the Roboflow/ODinW layout (`train/ valid/ test/` each with `_annotations.coco.json` or
-    `annotations_without_background.json`) and plain COCO (`images/` or `<split>2017/` with
-    `annotations/*.json`, the split taken from the file name: `instances_val2017.json` -> "val").
+    `annotations_without_background.json`) and plain COCO (`<split>2017/`, `images/<split>2017/` or `images/`
+    with `annotations/instances_*.json`, else `annotations/*.json`, the split taken from the file name:
+    `instances_val2017.json` -> "val"). Captions and keypoints files beside the instances files are no splits.
     """
     folder = Path(folder)
     found: dict[str, tuple[Path, Path]] = {}
@@ -405,9 +406,10 @@ def find_coco_splits(folder: str | Path) -> dict[str, tuple[Path, Path]]:
     if found:
         return found
     ann_dir = folder / "annotations"
-    for ann in sorted(ann_dir.glob("*.json")) if ann_dir.is_dir() else []:
+    anns = (sorted(ann_dir.glob("instances_*.json")) or sorted(ann_dir.glob("*.json"))) if ann_dir.is_dir() else []
+    for ann in anns:
         split = ann.stem.split("_")[-1]  # instances_train2017 -> train2017
-        img_dir = folder / split if (folder / split).is_dir() else folder / "images"
+        img_dir = next((d for d in (folder / split, folder / "images" / split) if d.is_dir()), folder / "images")
         found[split.removesuffix("2017").removesuffix("2014") or ann.stem] = (ann, img_dir)
     if not found:
         raise DataError(f"{folder}: no COCO data found (expected train/ valid/ test/ with _annotations.coco.json, "

@@ -305,6 +305,20 @@ def test_yolo_ultralytics_layout_names_as_a_dict_polygons_and_empty_images(tmp_p
     assert target["labels"].tolist() == [1, 0] and ds.target(2)["boxes"].shape == (0, 4)
 
 
+def test_standard_coco_reads_the_instances_files_and_keeps_numeric_names_as_ids(tmp_path):
+    root = tmp_path / "coco"
+    images = [{"id": 9, "file_name": "000000000009.jpg", "width": 32, "height": 32}]
+    data = {"images": images, "annotations": [{"id": 1, "image_id": 9, "category_id": 3, "bbox": [1, 2, 3, 4]}],
+            "categories": [{"id": 3, "name": "cat"}]}
+    write_text(root / "annotations" / "instances_val2017.json", json.dumps(data))
+    write_text(root / "annotations" / "captions_val2017.json", json.dumps({"images": images, "annotations": []}))
+    write_image(root / "images" / "val2017" / "000000000009.jpg")
+    task = get_task(root)
+    assert list(task.splits) == ["valid"] and task.category_names == ["cat"] and task.categories[0].id == 3
+    ds = task.split("val")
+    assert ds.image_ids == [9] and ds.target(9)["boxes"].tolist() == [[1, 2, 4, 6]]
+
+
 def test_a_task_file_adds_descriptions_to_a_folder(tmp_path):
     folder = voc_folder(tmp_path / "voc", {"a": [("cat", [2, 2, 10, 10]), ("dog", [3, 3, 9, 9])]})
     write_text(tmp_path / "pets.yaml", "data: voc\ncategories:\n  - {name: dog, suffix: ' which barks'}\n")
@@ -330,12 +344,13 @@ def test_a_registered_name_wins_over_a_folder_of_that_name_unless_written_as_a_p
 # -- bad input: one line naming the file and line or record, every skip counted -----------------------------
 
 def load_with_skips(folder: Path, split: str = "train"):
+    """The split and the warnings its loading gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = get_task(folder).split(split)
-    skipped_warnings = [str(w.message) for w in caught if "records skipped" in str(w.message)]
-    assert len(skipped_warnings) == (1 if ds.report.skipped else 0)  # one warning per split, not one per line
-    return ds
+    messages = [str(w.message) for w in caught]
+    assert sum("records skipped" in m for m in messages) == (1 if ds.report.skipped else 0)  # one per split
+    return ds, messages
 
 
 def yolo_folder(root: Path, labels: dict[str, str], images=None, names="[cat, dog]") -> Path:
@@ -355,7 +370,7 @@ def test_yolo_bad_lines_are_skipped_with_file_and_line(tmp_path):
                                                "1 0.5 0.5 0.2\n"            # too few fields
                                                "x 0.5 0.5 0.2 0.2\n"        # not a number
                                                "1 0.95 0.5 0.2 0.2\n"})     # sticks out: clipped, counted
-    ds = load_with_skips(folder)
+    ds, messages = load_with_skips(folder)
     assert ds.report.skipped == [
         "train/labels/a.txt:2: class 2 out of range (data.yaml names 2 categories: 0..1); line skipped",
         "train/labels/a.txt:3: box [140, 70, 160, 80] (xyxy pixels) lies outside its 100x50 image; skipped",
@@ -364,13 +379,14 @@ def test_yolo_bad_lines_are_skipped_with_file_and_line(tmp_path):
         "line skipped",
         "train/labels/a.txt:6: not numbers: 'x 0.5 0.5 0.2 0.2'; line skipped"]
     assert ds.report.clipped_boxes == 1 and ds.target(1)["labels"].tolist() == [0, 1]
+    assert any("clipped 1 boxes" in m and "first: train/labels/a.txt:7 " in m for m in messages)
     assert "5 records skipped (first: train/labels/a.txt:2: class 2 out of range" in ds.report.summary()
 
 
 def test_yolo_label_files_and_images_must_pair(tmp_path):
     folder = yolo_folder(tmp_path / "y", {"a": "0 0.5 0.5 0.2 0.2\n", "orphan": "1 0.5 0.5 0.2 0.2\n",
                                           "empty": ""}, images=["a", "nolabel", "empty"])
-    ds = load_with_skips(folder)
+    ds, messages = load_with_skips(folder)
     assert ds.report.skipped == [
         "train/images/nolabel.png: no label file train/labels/nolabel.txt; image skipped (an empty label file "
         "marks an image without objects)",
@@ -399,7 +415,7 @@ def test_voc_bad_records_are_skipped_with_file_and_record(tmp_path):
     xml = folder / "Annotations" / "nosize.xml"
     xml.write_text(xml.read_text().replace("<size><width>40</width><height>20</height><depth>3</depth></size>", ""))
     (folder / "JPEGImages" / "noimage.jpg").unlink()
-    ds = load_with_skips(folder)
+    ds, messages = load_with_skips(folder)
     assert ds.report.skipped == [
         "Annotations/a.xml object 2 ('cow'): class 'cow' is not one of the categories (from labels.txt); "
         "object skipped",
@@ -435,7 +451,7 @@ def test_coco_images_its_file_does_not_list_are_reported(tmp_path):
         {"images": images, "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
     write_image(folder / "train" / "a.png")
     write_image(folder / "train" / "stray.png")
-    ds = load_with_skips(folder)
+    ds, messages = load_with_skips(folder)
     assert ds.report.skipped == ["train/stray.png: image not listed in _annotations.coco.json; ignored"]
 
 

@@ -82,10 +82,14 @@ class SplitBuilder:
 
     def skip(self, path: Path, where: str | int | None, what: str) -> None:
         """Record one left-out record: '<file>[:<line>| <record>]: <what>'."""
+        self.skipped.append(f"{self.place(path, where)}: {what}")
+
+    def place(self, path: Path, where: str | int | None) -> str:
+        """'<file>:<line>' or '<file> <record>', the file relative to the dataset folder."""
         place = relative(path, self.root)
         if where is not None:
             place += f":{where}" if isinstance(where, int) else f" {where}"
-        self.skipped.append(f"{place}: {what}")
+        return place
 
     def add_image(self, key: str, file_name: str, width: int, height: int) -> None:
         self._images[key] = {"file_name": file_name, "width": int(width), "height": int(height)}
@@ -107,8 +111,10 @@ class SplitBuilder:
         if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
             self.skip(path, where, f"box {shown} (xyxy pixels) lies outside its {width}x{height} image; skipped")
             return False
+        # `origin` lets the COCO loader name the source line in its own messages (e.g. a clipped box)
         self._boxes[key].append({"category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                 "area": (x1 - x0) * (y1 - y0), "iscrowd": int(crowd)})
+                                 "area": (x1 - x0) * (y1 - y0), "iscrowd": int(crowd),
+                                 "origin": self.place(path, where)})
         return True
 
     def build(self, source: str | Path) -> dict:

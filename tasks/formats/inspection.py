@@ -15,7 +15,8 @@ class SplitInspection:
 
     Attributes:
         name: split name.
-        source: its annotation file (or, for YOLO/VOC, the file that lists it), relative to the task's root.
+        source: its annotation file (for YOLO/VOC, the file that lists it) and image folder, relative to the
+            task's root.
         images, boxes: counts after loading (boxes include crowd/difficult ones).
         boxes_per_category: category name -> boxes.
         report: the loader's report (None when the split did not load).
@@ -48,7 +49,7 @@ def inspect_task(task: Task) -> list[SplitInspection]:
     """Load every split of `task` (the loaders' warnings are kept in the results, not emitted)."""
     out = []
     for name, spec in task.splits.items():
-        source = spec.ann_files[0]
+        source = spec.ann_files[0] + (f", images in {spec.img_dir}" if spec.img_dir not in (".", "") else "")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -50,15 +50,18 @@ def scan(folder: Path) -> FolderScan:
         if missing:
             notes.append(f"{data_file.name}: {key}: {', '.join(missing)} not found under {base}; split left out")
             continue
-        read = functools.partial(read_split, tuple(paths), names, folder, data_file)
-        splits[split] = SplitSpec((data_file.name,), ".", read=read)
+        # one image folder: file names relative to it, as COCO's are; else relative to the dataset folder
+        img_dir = paths[0] if len(paths) == 1 and paths[0].is_dir() else folder
+        read = functools.partial(read_split, tuple(paths), names, folder, data_file, img_dir)
+        splits[split] = SplitSpec((data_file.name,), relative(img_dir, folder), read=read)
     if not splits:
         raise DataError(f"{data_file}: no usable split: give `train:` (and `val:`, `test:`) as image folders "
                         f"relative to {base}" + (f" ({'; '.join(notes)})" if notes else ""))
     return FolderScan(NAME, numbered(names), splits, tuple(notes))
 
 
-def read_split(sources: tuple[Path, ...], names: tuple[str, ...], root: Path, data_file: Path) -> tuple[dict, list]:
+def read_split(sources: tuple[Path, ...], names: tuple[str, ...], root: Path, data_file: Path,
+               img_dir: Path) -> tuple[dict, list]:
     """The COCO dict of one split and the lines of what was skipped."""
     out = SplitBuilder(names, root)
     images: dict[str, Path] = {}
@@ -85,7 +88,7 @@ def read_split(sources: tuple[Path, ...], names: tuple[str, ...], root: Path, da
         except ValueError as error:
             out.skip(path, None, f"{error}; image skipped")
             continue
-        out.add_image(key, relative(path, root), width, height)
+        out.add_image(key, relative(path, img_dir), width, height)
         _read_labels(label_file, key, width, height, len(names), out)
     for folder in label_dirs:
         for label_file in sorted(folder.rglob("*.txt")) if folder.is_dir() else []:
