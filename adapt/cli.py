@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from adapt import STRATEGY_NAMES
+from adapt import STRATEGIES
 
 # The two options every command that runs a model takes (resolved by backbone.device).
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when "
@@ -195,16 +195,11 @@ def _tune_command(strategy: str):
         if report:
             write_report(result, report)
 
-    command.__doc__ = {
-        "prompt-tune": "Prompt tuning: learn an offset to the prompt features P0 (everything else frozen).",
-        "linear-probe": "Linear probing: train the head's box, centerness and alignment projections.",
-        "lora": "LoRA (peft) on the fusion attention and head projections.",
-        "finetune": "Full fine-tuning (all but the lowest backbone stage); the adapter is a full weight set.",
-    }[strategy]
+    command.__doc__ = STRATEGIES[strategy].summary
     return command
 
 
-for _strategy in STRATEGY_NAMES:
+for _strategy in STRATEGIES:  # one command per registered strategy, its help the strategy's summary
     app.command(_strategy)(_tune_command(_strategy))
 
 

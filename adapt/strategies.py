@@ -7,6 +7,7 @@ Semantics follow the official code (microsoft/GLIP `tools/finetune.py`, `tuning_
                 stays in train mode as upstream, so fusion dropout is active while training).
   lora          beyond the paper: LoRA (peft) on the fusion attention projections and the head's linear layer.
   finetune      everything but the patch embedding and Swin stage 1 (with its patch merging); BERT at lr/10.
+Each class declares its strategy as `spec` (adapt.strategy_spec: defaults, adapter tensors, serving, export).
 Every strategy runs on a fixed task prompt, so with a frozen BERT P0 is computed once. A step takes the one
 training batch (`adapt.grounding.GroundingBatch`, already on the model's device); strategies with a frozen
 backbone + FPN compute each training view's features there, per image, from a `FeatureCache` when one is
@@ -20,18 +21,13 @@ import re
 import torch
 from torch import Tensor, nn
 
-from adapt import STRATEGY_NAMES
 from adapt.cache import FeatureCache, own_padding, stack_levels
 from adapt.grounding import GroundingBatch
+from adapt.strategy_spec import LINEAR_PROBE_PARAMETERS, STRATEGIES, StrategySpec
 from backbone.model import GLIP
 from backbone.outputs import HeadOutputs, PromptFeatures, VisualFeatures
 from backbone.processor import TokenizedPrompt
 
-LINEAR_PROBE_PARAMETERS = (
-    "head.bbox_pred.weight", "head.bbox_pred.bias", "head.centerness.weight", "head.centerness.bias",
-    "head.dot_product_projection_text.weight", "head.dot_product_projection_text.bias",
-    "head.log_scale", "head.bias_lang", "head.bias0",
-)
 # Official FREEZE_CONV_BODY_AT 2: patch embedding and stage 1, including the patch merging that ends it
 # (timm places that merging at the start of stage 2).
 FINETUNE_FROZEN_PREFIXES = ("swin.body.patch_embed.", "swin.body.layers.0.", "swin.body.layers.1.downsample.")
@@ -40,9 +36,12 @@ LORA_DEFAULT_TARGETS = r".*(fusion\.attn\.(v_proj|l_proj|values_v_proj|values_l_
 
 
 class AdaptedGLIP(nn.Module):
-    """A GLIP with one strategy attached, on one task prompt. `forward(batch) -> HeadOutputs`."""
+    """A GLIP with one strategy attached, on one task prompt. `forward(batch) -> HeadOutputs`.
 
-    name = ""
+    A subclass sets `spec` (its StrategySpec) and marks what it trains; the adapter tensors follow from the spec.
+    """
+
+    spec: StrategySpec
     frozen_visual = True  # backbone + FPN frozen: their features may be cached
 
     def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
@@ -54,6 +53,15 @@ class AdaptedGLIP(nn.Module):
         glip.requires_grad_(False)
         self._p0: PromptFeatures | None = None
         self.feature_cache: FeatureCache | None = None
+
+    @classmethod
+    def from_tune_config(cls, glip: GLIP, prompt: TokenizedPrompt, config) -> "AdaptedGLIP":
+        """The strategy for one run of `adapt.tune` (a subclass with options reads them from the TuneConfig)."""
+        return cls(glip, prompt)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def use_feature_cache(self, cache: FeatureCache | None) -> None:
         """Reuse the frozen backbone + FPN features of each training view (None turns the cache off)."""
@@ -100,12 +108,13 @@ class AdaptedGLIP(nn.Module):
         return self.glip.fuse_and_predict(visual, self.prompt_features().expand(visual.batch_size))
 
     def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
-        """{"weights": {...}, "lora": {...}} to store beside the final prompt."""
-        return {"weights": {}, "lora": {}}
+        """{"weights": {...}, "lora": {...}} to store beside the final prompt: the base tensors the spec declares."""
+        weights = {k: v for k, v in self.glip.state_dict().items() if self.spec.carries_weight(k)}
+        return {"weights": weights, "lora": {}}
 
 
 class PromptTuning(AdaptedGLIP):
-    name = "prompt-tune"
+    spec = STRATEGIES["prompt-tune"]
 
     def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
         super().__init__(glip, prompt)
@@ -119,7 +128,7 @@ class PromptTuning(AdaptedGLIP):
 
 
 class LinearProbe(AdaptedGLIP):
-    name = "linear-probe"
+    spec = STRATEGIES["linear-probe"]
 
     def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
         super().__init__(glip, prompt)
@@ -132,13 +141,9 @@ class LinearProbe(AdaptedGLIP):
         self.glip.dyhead.train(mode)  # upstream keeps the DyHead (fusion dropout) in train mode
         return self
 
-    def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
-        state = self.glip.state_dict()
-        return {"weights": {k: state[k] for k in LINEAR_PROBE_PARAMETERS}, "lora": {}}
-
 
 class FullFinetune(AdaptedGLIP):
-    name = "finetune"
+    spec = STRATEGIES["finetune"]
     frozen_visual = False
 
     def __init__(self, glip: GLIP, prompt: TokenizedPrompt):
@@ -155,12 +160,9 @@ class FullFinetune(AdaptedGLIP):
         self.glip.swin.body.layers[0].eval()
         return self
 
-    def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
-        return {"weights": dict(self.glip.state_dict()), "lora": {}}
-
 
 class LoRA(AdaptedGLIP):
-    name = "lora"
+    spec = STRATEGIES["lora"]
 
     def __init__(self, glip: GLIP, prompt: TokenizedPrompt, *, r: int = 8, alpha: float = 16.0,
                  target_modules: str = LORA_DEFAULT_TARGETS, dropout: float = 0.0):
@@ -178,6 +180,10 @@ class LoRA(AdaptedGLIP):
         for name, parameter in glip.named_parameters():
             parameter.requires_grad_(".lora_" in name)
 
+    @classmethod
+    def from_tune_config(cls, glip: GLIP, prompt: TokenizedPrompt, config) -> "LoRA":
+        return cls(glip, prompt, r=config.lora_r, alpha=config.lora_alpha)
+
     def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
         lora = {}
         for name, tensor in self.glip.state_dict().items():
@@ -186,8 +192,3 @@ class LoRA(AdaptedGLIP):
                 lora[f"{match[1].replace('.base_layer', '')}.lora_{match[2]}.weight"] = tensor
         return {"weights": {}, "lora": lora}
 
-
-STRATEGIES: dict[str, type[AdaptedGLIP]] = {cls.name: cls for cls in (PromptTuning, LinearProbe, LoRA, FullFinetune)}
-if tuple(STRATEGIES) != STRATEGY_NAMES:
-    raise ImportError(f"adapt.STRATEGY_NAMES {STRATEGY_NAMES} and the strategy classes {tuple(STRATEGIES)} disagree; "
-                      "add the new strategy's name to adapt/__init__.py")

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from adapt import STRATEGY_NAMES
+from adapt import STRATEGY_NAMES, get_strategy
 from adapt.adapter import Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
 from adapt.cache import FeatureCache
 from adapt.evaluation import evaluate, task_prompt
 from adapt.grounding import GroundingBatch, GroundingCollator, grounding_loss, grounding_loss_fn
-from adapt.strategies import STRATEGIES, AdaptedGLIP, LoRA
+from adapt.strategies import AdaptedGLIP
 from adapt.train import TrainConfig, Trainer, load_trainable
 from backbone.detector import GLIPDetector
 from backbone.device import DTYPES, resolve_device, resolve_dtype
@@ -29,10 +29,6 @@ from backbone.model import GLIP
 from backbone.outputs import Detections
 from backbone.postprocess import Postprocessor
 from backbone.processor import GLIPProcessor, TokenizedPrompt, rescale_boxes
-
-# CPU-budget defaults (a few hundred steps); the paper's schedules run up to 200 epochs on GPUs.
-DEFAULT_LR = {"prompt-tune": 0.05, "linear-probe": 1e-3, "lora": 1e-3, "finetune": 1e-4}
-DEFAULT_WEIGHT_DECAY = {"prompt-tune": 0.25, "linear-probe": 0.05, "lora": 0.05, "finetune": 0.05}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +69,7 @@ class TuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGY_NAMES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGY_NAMES)}")
+        get_strategy(self.strategy)  # refuses an unknown strategy, listing the registered ones
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}; pass one of them")
         if self.resume and self.run_dir is None:
@@ -148,11 +143,7 @@ def adapted_detect_fn(model: AdaptedGLIP, processor: GLIPProcessor, postprocesso
 
 
 def build_strategy(name: str, glip: GLIP, prompt: TokenizedPrompt, config: TuneConfig) -> AdaptedGLIP:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGY_NAMES)}")
-    if name == "lora":
-        return LoRA(glip, prompt, r=config.lora_r, alpha=config.lora_alpha)
-    return STRATEGIES[name](glip, prompt)
+    return get_strategy(name).model_class().from_tune_config(glip, prompt, config)
 
 
 def tune(config: TuneConfig) -> dict:
@@ -225,10 +216,10 @@ def train_config_for(config: TuneConfig, run_dir: Path, num_samples: int, has_va
     if config.epochs:
         steps = max(1, math.ceil(config.epochs * num_samples / min(config.batch_size, num_samples)))
     eval_every = config.eval_every or max(steps // 4, 25)
-    weight_decay = config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY[config.strategy]
+    spec = get_strategy(config.strategy)
+    weight_decay = config.weight_decay if config.weight_decay is not None else spec.weight_decay
     return TrainConfig(
-        out_dir=run_dir, lr=config.lr or DEFAULT_LR[config.strategy], weight_decay=weight_decay,
-        lr_multipliers=(("glip.text.", 0.1),) if config.strategy == "finetune" else (),
+        out_dir=run_dir, lr=config.lr or spec.lr, weight_decay=weight_decay, lr_multipliers=spec.lr_multipliers,
         schedule="cosine", warmup_steps=min(20, steps // 10), max_steps=steps,
         batch_size=min(config.batch_size, num_samples), grad_clip=1.0, eval_every=eval_every,
         checkpoint_every=min(eval_every, steps) if config.run_dir else steps,

@@ -23,10 +23,10 @@ from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from adapt import STRATEGY_NAMES
+from adapt import STRATEGY_NAMES, get_strategy
 from adapt.cache import FeatureCache
 from adapt.grounding import GroundingCollator, GroundingModel, grounding_loss, grounding_loss_fn
-from adapt.strategies import STRATEGIES, LoRA
+from adapt.strategies import LoRA
 from adapt.train import Trainer, TrainConfig, move_to_device
 from backbone.config import tiny_for_tests
 from backbone.loss import GroundingLoss, GroundingTarget
@@ -73,7 +73,7 @@ def pretraining_batch(processor: GLIPProcessor):
 def build(strategy: str, glip: GLIP):
     processor = GLIPProcessor.from_config(glip.config)
     prompt = processor.tokenize(["fish", "shark"])[0]
-    model = LoRA(glip, prompt, r=2, alpha=4) if strategy == "lora" else STRATEGIES[strategy](glip, prompt)
+    model = LoRA(glip, prompt, r=2, alpha=4) if strategy == "lora" else get_strategy(strategy).model_class()(glip, prompt)
     return model.train(), processor, prompt
 
 

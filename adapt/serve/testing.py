@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from adapt import get_strategy
 from adapt.adapter import Adapter, base_fingerprint, save_adapter
 from backbone.model import GLIP
 from backbone.processor import GLIPProcessor
@@ -40,11 +41,12 @@ def make_adapter(base: GLIP, processor: GLIPProcessor, task: str, categories: li
     hidden = prompt.hidden + offset * torch.randn(prompt.hidden.shape, generator=generator)  # (1, T, D)
     prompt = type(prompt)(hidden, hidden.clone(), prompt.mask)
     state = base.state_dict()
+    spec = get_strategy(strategy)
     weights, lora, lora_config = {}, {}, None
-    if strategy in ("linear-probe", "finetune"):
-        for key in ("head.bias0", "head.dot_product_projection_text.weight", "head.dot_product_projection_text.bias"):
+    for key in ("head.bias0", "head.dot_product_projection_text.weight", "head.dot_product_projection_text.bias"):
+        if spec.carries_weight(key):  # the head tensors its strategy may replace
             weights[key] = state[key] + 0.2 * torch.randn(state[key].shape, generator=generator)
-    elif strategy == "lora":
+    if spec.lora:
         module = "head.dot_product_projection_text"
         out_dim, in_dim = state[f"{module}.weight"].shape
         lora_config = {"r": 4, "alpha": 8, "target_modules": [module]}
