@@ -5,6 +5,7 @@
     data.py         ShardedSampler (deterministic, shardable, resumable order), move_to_device
     distributed.py  torchrun process groups, the device of each process
     state.py        checkpoints, best weights, the metrics log, RNG states, seeding, load_trainable
+    tracking.py     TensorBoard, MLflow and W&B behind one small interface (report_to)
     trainer.py      Trainer: the loop
 """
 from adapt.train.config import NonFiniteLossError, TrainConfig, TrainResult

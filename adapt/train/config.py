@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapt.train.tracking import parse_report_to
 from backbone.device import DTYPES
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -65,6 +66,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seeds torch/numpy/random (+rank) and the data order"})
     log_every: int = field(default=10, metadata={"help": "write a train record to metrics.jsonl every N steps"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar (rank 0)"})
+    report_to: str = field(default="none", metadata={
+        "help": "trackers that also get the run (metrics.jsonl is always written): 'none' or a comma-separated "
+                "list of tensorboard, mlflow, wandb"})
     max_bad_steps: int | None = field(
         default=5, metadata={"help": "stop after this many non-finite iterations in a row; None = never"})
 
@@ -77,6 +81,8 @@ class TrainConfig:
                  f"pass dtype={_AMP_TO_DTYPE.get(self.amp, 'float32')!r}")
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_choice("best_mode", self.best_mode, ("max", "min"))
+        object.__setattr__(self, "report_to", ",".join(parse_report_to(self.report_to, "TrainConfig.report_to"))
+                           or "none")
         for name in ("batch_size", "grad_accumulation", "checkpoint_every", "log_every"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1", "pass a positive integer")
         for name in ("max_steps", "epochs", "eval_every", "max_bad_steps"):
@@ -105,6 +111,17 @@ class TrainConfig:
         out["out_dir"] = str(self.out_dir)
         del out["amp"]
         return out
+
+
+def check_overrides(settings: dict[str, Any], owner: str) -> None:
+    """Refuse `owner`'s TrainConfig overrides (its `trainer` settings) that name no TrainConfig field."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        close = [difflib.get_close_matches(name, names, n=1) for name in unknown]
+        hint = "; ".join(f"{name!r}: did you mean {c[0]!r}?" for name, c in zip(unknown, close) if c)
+        raise ValueError(f"{owner}.trainer {unknown} are not TrainConfig fields{' (' + hint + ')' if hint else ''}; "
+                         "drop or rename them")
 
 
 def _require(ok: bool, name: str, value: Any, reason: str, fix: str) -> None:

@@ -8,7 +8,8 @@ only parameters with `requires_grad` are trained. The optimiser follows the offi
 The rest: linear warm-up, then cosine, step or constant decay; a device and a compute dtype (bf16
 autocast on CPU and CUDA, fp16 autocast with GradScaler on CUDA, fp32 master weights); gradient
 accumulation; JSONL metrics and a tqdm bar; evaluation with best-checkpoint keeping; atomic checkpoints
-that resume exactly (`adapt.train.state`); and torchrun DDP.
+that resume exactly (`adapt.train.state`); the same metrics in TensorBoard, MLflow or W&B
+(`adapt.train.tracking`); and torchrun DDP.
 
 Step semantics: `step` counts optimizer iterations. A skipped iteration still advances the step,
 the schedule and the data, but the parameters are not updated. An iteration is skipped for a
@@ -42,6 +43,7 @@ from adapt.train.optim import build_param_groups, lr_factor, trainable_named_par
 from adapt.train.state import (BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, check_writable,
                                json_safe, load_named, read_checkpoint, rng_state, save_best, set_rng_state,
                                set_seed, trainable_state, trim_log)
+from adapt.train.tracking import Tracker, check_installed, flat_params, open_trackers, parse_report_to, record_metrics
 from backbone.device import autocast, resolve_device, resolve_dtype
 
 LossFn = Callable[[nn.Module, Any], Mapping[str, Any]]
@@ -61,6 +63,9 @@ class Trainer:
         collate_fn: DataLoader collate function (default: torch's default_collate).
         eval_fn: `eval_fn(model) -> {"metric": float}`, called on rank 0 under no_grad with the
             unwrapped model in eval mode every `eval_every` steps and at the end.
+        tracker: where rank 0 also sends the run's params and metrics; the caller opened it and
+            finishes it (to add its own results). None: `fit` opens `config.report_to` itself, with
+            TensorBoard's files in out_dir/tensorboard, and finishes it at the end.
 
     Construction validates everything that can fail before training: the output folder, the
     dataset size, the device and dtype, and the parameter groups. `model.train()` is called at the start of
@@ -69,8 +74,10 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, loss_fn: LossFn, train_dataset: Any, *,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, eval_fn: EvalFn | None = None):
+                 collate_fn: Callable[[list[Any]], Any] | None = None, eval_fn: EvalFn | None = None,
+                 tracker: Tracker | None = None):
         self.config, self.loss_fn, self.eval_fn = config, loss_fn, eval_fn
+        self._given_tracker = tracker
         self.collate_fn = collate_fn
         self.train_dataset = train_dataset
         if config.best_metric is not None and eval_fn is None:
@@ -86,6 +93,9 @@ class Trainer:
         error = self._broadcast(check_writable(self.out_dir) if self.is_main else None)
         if error:
             raise OSError(error)
+        if tracker is None and self.is_main:
+            for name in parse_report_to(config.report_to):
+                check_installed(name)
         self.sampler = self._make_sampler(train_dataset)
         self.total_steps = self._total_steps()
 
@@ -110,6 +120,8 @@ class Trainer:
         self._last_losses: dict[str, float] = {}
         self._last_metrics: dict[str, float] = {}
         self._log_file = None
+        self._tracker: Tracker | None = None
+        self._owns_tracker = False
 
     # -------------------------------------------------------------------------------- paths
 
@@ -221,6 +233,7 @@ class Trainer:
             atomic_write(self.out_dir / CONFIG_NAME,
                           lambda tmp: tmp.write_text(json.dumps(self.config.to_dict(), indent=2)))
             self._log_file = open(self.log_path, "a", encoding="utf-8")
+            self._open_tracker()
             self._log({"event": "resume" if path else "start", "step": self.step, "total_steps": self.total_steps,
                        "world_size": self.world_size, "trainable_params": sum(p.numel() for _, p in self._params)})
         self.model.train()
@@ -385,11 +398,25 @@ class Trainer:
         line = json.dumps({k: json_safe(v) for k, v in record.items()})
         self._log_file.write(line + "\n")
         self._log_file.flush()
+        metrics = record_metrics(record)
+        if self._tracker is not None and metrics:
+            self._tracker.log_metrics(metrics, step=record["step"])
+
+    def _open_tracker(self) -> None:
+        """The given tracker, or config.report_to's opened here; either gets the resolved config."""
+        self._owns_tracker = self._given_tracker is None
+        self._tracker = self._given_tracker if self._given_tracker is not None else open_trackers(
+            self.config.report_to, self.out_dir / "tensorboard", run_name=self.out_dir.name)
+        self._tracker.log_params(flat_params(self.config.to_dict(), prefix="train."))
 
     def _close(self, finished: bool) -> None:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._tracker is not None:
+            tracker, self._tracker = self._tracker, None
+            if self._owns_tracker:
+                tracker.finish(failed=not finished)
         # after an error on one rank the others may never reach a barrier: leave teardown to torchrun
         if finished and self._owns_process_group and dist.is_initialized():
             dist.barrier()
