@@ -32,13 +32,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from glip_io import atomic_write
-from adapt import STRATEGY_NAMES, __version__
+from adapt import STRATEGIES, StrategySpec, __version__, get_strategy
 from backbone.outputs import PromptFeatures
 
 FORMAT = "glip-adapt/adapter"
 FORMAT_VERSION = 1
-# Strategies whose adapter changes no base weight: they share one model in a server batch.
-PROMPT_ONLY = ("prompt-tune",)
 
 
 class AdapterError(ValueError):
@@ -73,9 +71,14 @@ class Adapter:
         return [int(c.get("id", i + 1)) for i, c in enumerate(self.categories)]
 
     @property
+    def spec(self) -> StrategySpec:
+        """Its strategy's declaration (what it carries, how it serves and exports)."""
+        return get_strategy(self.strategy)
+
+    @property
     def shares_base(self) -> bool:
         """True when the adapter changes no base weight (its requests can share a batch with other tasks)."""
-        return self.strategy in PROMPT_ONLY
+        return self.spec.serving == "prompt"
 
     def tensors(self, prompt_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         # With real tokens only, `embedded` (= hidden x mask) equals `hidden`: store one, rebuild the other.
@@ -116,8 +119,8 @@ def save_adapter(adapter: Adapter, path: str | Path, prompt_dtype: str | None = 
     `prompt_dtype` ("float16"/"bfloat16") stores P0 at half width: a prompt adapter on GLIP-T is then half the
     bytes, and the scores move by the rounding of P0 (within 6e-5 on GLIP-T; see benchmarks/adapter_size.py)."""
     path = Path(path)
-    if adapter.strategy not in STRATEGY_NAMES:
-        raise AdapterError(f"unknown strategy {adapter.strategy!r}; expected one of {', '.join(STRATEGY_NAMES)}")
+    if adapter.strategy not in STRATEGIES:
+        raise AdapterError(f"unknown strategy {adapter.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     dtype = resolve_prompt_dtype(prompt_dtype)
     return atomic_write(path, lambda tmp: save_file(adapter.tensors(dtype), str(tmp), metadata=adapter.metadata()))
 
@@ -136,7 +139,7 @@ def read_metadata(path: str | Path, source: str | None = None) -> dict[str, str]
                            "was the file truncated or is it another format?") from None
     if metadata.get("format") != FORMAT:
         raise AdapterError(f"{label} is not a glip-adapt adapter (format {metadata.get('format')!r}); "
-                           "adapters are written by `adapt prompt-tune|linear-probe|lora|finetune`")
+                           f"adapters are written by `adapt {'|'.join(STRATEGIES)}`")
     version = metadata.get("format_version", "0")
     if version != str(FORMAT_VERSION):
         raise AdapterError(f"{label} has adapter format version {version!r}; this toolkit reads version "
@@ -161,8 +164,8 @@ def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None
                            "re-export it") from None
     try:
         strategy = meta.get("strategy", "")
-        if strategy not in STRATEGY_NAMES:
-            raise AdapterError(f"{label}: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGY_NAMES)}")
+        if strategy not in STRATEGIES:
+            raise AdapterError(f"{label}: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
         if expect_strategy and strategy != expect_strategy:
             raise AdapterError(f"{label} is a {strategy} adapter, not {expect_strategy}")
         _check_tensors(tensors, label)
@@ -188,7 +191,7 @@ def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None
         raise AdapterError(f"{message}; re-train or re-export the adapter") from None
     except Exception as error:  # whatever a crafted file makes a check trip over is a refusal, never a crash
         raise AdapterError(f"{label} is not a valid adapter ({type(error).__name__}: {error}); re-export it "
-                           "with `adapt prompt-tune|linear-probe|lora`") from None
+                           f"with `adapt {'|'.join(STRATEGIES)}`") from None
     return adapter
 
 
@@ -333,21 +336,19 @@ def validate_adapter(adapter: Adapter, label: str = "adapter", category_tokens: 
 
 
 def _check_strategy(adapter: Adapter, label: str) -> None:
-    strategy, weights, lora = adapter.strategy, adapter.weights, adapter.lora
-    if strategy in ("prompt-tune", "lora") and weights:
-        raise AdapterError(f"{label}: a {strategy} adapter carries no weights.* tensors (found {len(weights)})")
-    if strategy != "lora" and (lora or adapter.lora_config):
-        raise AdapterError(f"{label}: only a lora adapter carries lora.* tensors or a lora_config")
-    if strategy in ("linear-probe", "finetune") and not weights:
-        raise AdapterError(f"{label}: a {strategy} adapter must carry weights.* tensors")
-    if strategy == "linear-probe":
-        from adapt.strategies import LINEAR_PROBE_PARAMETERS
-
-        extra = sorted(set(weights) - set(LINEAR_PROBE_PARAMETERS))
-        if extra:
-            raise AdapterError(f"{label}: a linear-probe adapter may replace only the head's tensors "
-                               f"({', '.join(LINEAR_PROBE_PARAMETERS)}); it has {extra[:3]}")
-    if strategy == "lora":
+    """The tensors its strategy declares it carries (StrategySpec.weights and .lora), and a well-formed LoRA."""
+    spec, weights, lora = STRATEGIES[adapter.strategy], adapter.weights, adapter.lora
+    if not spec.weights and weights:
+        raise AdapterError(f"{label}: a {spec.name} adapter carries no weights.* tensors (found {len(weights)})")
+    if spec.weights and not weights:
+        raise AdapterError(f"{label}: a {spec.name} adapter must carry weights.* tensors")
+    extra = sorted(k for k in weights if not spec.carries_weight(k))
+    if extra:
+        raise AdapterError(f"{label}: a {spec.name} adapter may replace only the base tensors "
+                           f"{', '.join(spec.weights)}; it has {extra[:3]}")
+    if not spec.lora and (lora or adapter.lora_config):
+        raise AdapterError(f"{label}: a {spec.name} adapter carries no lora.* tensors and no lora_config")
+    if spec.lora:
         config = adapter.lora_config
         if not isinstance(config, dict) or type(config.get("r")) is not int or config["r"] < 1 or \
                 not isinstance(config.get("alpha"), (int, float)) or isinstance(config.get("alpha"), bool) or \
@@ -532,18 +533,28 @@ def describe(path: str | Path) -> str:
 
 
 
+def check_shareable(adapter: Adapter) -> None:
+    """Refuse an adapter whose strategy declares it is served as its own model (StrategySpec.serving)."""
+    if adapter.spec.serving == "own-model":
+        raise AdapterError(f"adapter for task {adapter.task!r} is a {adapter.strategy} adapter, which replaces the "
+                           "base model; load it as its own model (`adapt adapters merge`, then --base "
+                           "MERGED.safetensors)")
+
+
 def weight_overrides(adapter: Adapter, base) -> dict[str, Tensor]:
-    """Base-model tensors this adapter replaces, {model key: tensor}: linear-probe head tensors as stored,
-    LoRA folded in (W + B·A·alpha/r), nothing for prompt tuning. A server runs a group of requests with
+    """Base-model tensors this adapter replaces, {model key: tensor}: its weights.* tensors as stored, LoRA
+    folded in (W + B·A·alpha/r), nothing for prompt tuning. A server runs a group of requests with
     `torch.func.functional_call(base, overrides, ...)`, never touching the shared weights.
 
-    A finetune adapter replaces every weight: serve it as its own model instead.
+    An adapter served as its own model (a full fine-tune) is refused: load it as its own base instead.
     """
-    if adapter.strategy == "finetune":
-        raise AdapterError(f"adapter for task {adapter.task!r} is a full fine-tune; load it as its own model "
-                           "(`adapt adapters merge`, then --base MERGED.safetensors)")
+    check_shareable(adapter)
+    return _folded_weights(adapter, base)
+
+
+def _folded_weights(adapter: Adapter, base) -> dict[str, Tensor]:
     overrides = dict(adapter.weights)
-    if adapter.strategy == "lora":
+    if adapter.lora:
         scale = float(adapter.lora_config["alpha"]) / float(adapter.lora_config["r"])
         state = base.state_dict()
         for key in sorted(k for k in adapter.lora if k.endswith(".lora_A.weight")):
@@ -561,10 +572,7 @@ def fold_lora(weight: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
 def apply_adapter(base, adapter: Adapter) -> None:
     """Fold an adapter's weights into a base model this process owns (CLI eval/predict/merge; never a shared
     server model). Prompt tuning changes no weight: its P0 travels with the adapter."""
-    if adapter.strategy == "finetune":
-        base.load_state_dict(adapter.weights, strict=True)
-        return
-    overrides = weight_overrides(adapter, base)
+    overrides = _folded_weights(adapter, base)
     if overrides:
         state = base.state_dict()
         state.update({k: v.to(state[k].dtype) for k, v in overrides.items()})

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from glip_io import atomic_write
-from adapt.adapter import Adapter, AdapterError, base_fingerprint, load_adapter, weight_overrides
+from adapt.adapter import Adapter, AdapterError, base_fingerprint, check_shareable, load_adapter
 from adapt.adapter import base_magnitudes, lora_scale
 from adapt.serve.lora import LoRAFactors
 from backbone.outputs import PromptFeatures
@@ -310,11 +310,12 @@ class AdapterPool:
                                f"{self.max_lora_rank} (max_lora_rank); re-train with a lower --lora-r")
 
     def _attach(self, name: str, adapter: Adapter, version: str, stamp) -> LoadedAdapter:
-        if adapter.strategy == "finetune":
-            weight_overrides(adapter, self.base)  # raises the "load it as its own model" AdapterError
+        """Ready `adapter` the way its strategy declares it is served (StrategySpec.serving): its P0 only, its
+        override tensors, its LoRA factors, or refused when it is its own model."""
+        check_shareable(adapter)  # the "load it as its own model" AdapterError
         self._check_cost(name, adapter)
         lora = None
-        if adapter.strategy == "lora":
+        if adapter.spec.serving == "lora":
             targets = adapter.lora_config["target_modules"]
             scale = lora_scale(adapter.lora_config)
             lora = LoRAFactors({t: adapter.lora[f"{t}.lora_A.weight"].to(self.device) for t in targets},
