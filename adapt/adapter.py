@@ -33,6 +33,7 @@ from torch import Tensor
 
 from glip_io import atomic_write
 from adapt import STRATEGIES, StrategySpec, __version__, get_strategy
+from backbone.device import DTYPES
 from backbone.outputs import PromptFeatures
 
 FORMAT = "glip-adapt/adapter"
@@ -101,16 +102,13 @@ class Adapter:
         }
 
 
-PROMPT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def resolve_prompt_dtype(name: str | None) -> torch.dtype | None:
-    """The storage dtype of P0 for `name` (None: as trained); refuses names outside PROMPT_DTYPES."""
+    """The storage dtype of P0 for `name` (None: as trained); refuses names outside `backbone.device.DTYPES`."""
     if name is None:
         return None
-    if name not in PROMPT_DTYPES:
-        raise AdapterError(f"prompt_dtype {name!r} is not one of {', '.join(PROMPT_DTYPES)}")
-    return PROMPT_DTYPES[name]
+    if name not in DTYPES:
+        raise AdapterError(f"prompt_dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def save_adapter(adapter: Adapter, path: str | Path, prompt_dtype: str | None = None) -> Path:

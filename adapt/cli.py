@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from adapt import STRATEGIES
+from adapt.cli_tasks import resolve_data_root
 
 # The two options every command that runs a model takes (resolved by backbone.device).
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when "
@@ -127,18 +128,11 @@ def pretrain(
         config = PretrainConfig(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out_dir=out,
                                 weights_out=weights, threads=threads, eval_every=eval_every, resume=resume,
                                 prompt_names=prompt_names, grad_clip=grad_clip or None, num_workers=num_workers,
-                                device=device, dtype=dtype, data_root=_data_root())
+                                device=device, dtype=dtype, data_root=resolve_data_root())
         summary = run(config)
     except ValueError as error:  # DeviceError included: an unusable --device/--dtype
         fail(str(error))
     typer.echo(json.dumps(summary, indent=1))
-
-
-def _data_root() -> Optional[Path]:
-    """$ADAPT_DATA (read here only: library code takes the root as an argument)."""
-    import os
-
-    return Path(os.environ["ADAPT_DATA"]) if os.environ.get("ADAPT_DATA") else None
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -188,7 +182,7 @@ def _tune_command(strategy: str):
                                      epochs=epochs, lr=lr, batch_size=batch_size, out=out_path, cache_features=cache,
                                      augment=augment, scales=_floats(scales, "--scales"), eval_limit=eval_limit,
                                      prompt_dtype=prompt_dtype, device=device, dtype=dtype, run_dir=run_dir,
-                                     resume=resume, data_root=_data_root()))
+                                     resume=resume, data_root=resolve_data_root()))
         except (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, AdapterError) as error:
             fail(str(error).strip('"'))
         _print_tune(result)
@@ -237,7 +231,7 @@ def evaluate_command(
     from tasks import get_task
 
     try:
-        task_obj = get_task(task, data_root=_data_root())
+        task_obj = get_task(task, data_root=resolve_data_root())
         dataset = task_obj.split(split or task_obj.eval_split)
         if adapter is not None:
             from adapt.predict import AdapterDetector

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,16 +28,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from glip_io import atomic_write, check_writable
 from adapt import STRATEGIES, __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
 from adapt.adapter import Adapter, apply_adapter, base_fingerprint, load_adapter, read_merged, read_metadata
 from backbone.anchors import BoxCoder, grid_anchors
+from backbone.device import DTYPES
 from backbone.dyhead import use_deform_impl
 from backbone.model import GLIP
 from backbone.outputs import PromptFeatures, VisualFeatures
 from backbone.postprocess import phrase_probabilities
 
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+EXPORT_DTYPES = ("float32", "float16")  # the names of backbone.device.DTYPES that export offers
 MIN_OPSET = 16  # GridSample (the deformable conv's sampling) entered the standard opset in 16
 MAX_OPSET = 20  # the highest opset torch.onnx's TorchScript exporter writes
 DEFAULT_OPSET = 17
@@ -141,10 +141,7 @@ def check_options(out: str | Path, dtype: str, opset: int) -> Path:
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; give a file name such as {out / 'task.onnx'}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
+        check_writable(out.parent)
     except OSError as error:
         raise ExportError(f"cannot write --out {out} ({error.strerror or error}); choose a writable path") from None
     return out
@@ -178,7 +175,7 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
     model, adapter = load_task(adapter_path, base)
     height, width = size or trace_size(model)
     use_deform_impl(model, "im2col")  # torchvision's deform_conv2d has no ONNX op; im2col exports as GridSample
-    graph = TaskGraph(model, adapter, EXPORT_DTYPES[dtype]).eval()
+    graph = TaskGraph(model, adapter, DTYPES[dtype]).eval()
     example = torch.zeros(1, 3, height, width)
     axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "boxes": {0: "batch", 1: "anchors"},
             "scores": {0: "batch", 1: "anchors"}, "centerness": {0: "batch", 1: "anchors"},
@@ -193,8 +190,6 @@ def export_task(adapter_path: str | Path, out: str | Path, *, base: str | None =
     info = task_metadata(model, adapter, dtype=dtype, opset=opset, fixed_size=size)
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(info)})
     onnx.checker.check_model(proto)
-    from glip_io import atomic_write
-
     atomic_write(out, proto.SerializeToString())
     shape = (("batch", 3, "height", "width") if dynamic else (1, 3, height, width))
     return ExportResult(path=out, bytes=out.stat().st_size, strategy=adapter.strategy, task=adapter.task,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from glip_io import check_writable
 from adapt import STRATEGY_NAMES, get_strategy
 from adapt.adapter import Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
 from adapt.cache import FeatureCache
@@ -191,7 +192,7 @@ def tune(config: TuneConfig) -> dict:
     report["best_valid"] = {"step": result.best_step, "AP": result.best_value}
     report["resumed_from_step"] = result.resumed_from_step
 
-    adapter = make_adapter(model, task, prompt, config, fingerprint, report)
+    adapter = adapter_from_tuned_model(model, task, prompt, config, fingerprint, report)
     if config.out is not None:
         save_adapter(adapter, config.out, prompt_dtype=config.prompt_dtype)
         report["adapter"] = {"path": str(config.out), "bytes": Path(config.out).stat().st_size}
@@ -249,8 +250,9 @@ def _fit(model: AdaptedGLIP, config: TuneConfig, dataset: AdaptDataset, collate:
     return result, seconds
 
 
-def make_adapter(model: AdaptedGLIP, task, prompt: TokenizedPrompt, config: TuneConfig, fingerprint: str,
-                 report: dict) -> Adapter:
+def adapter_from_tuned_model(model: AdaptedGLIP, task, prompt: TokenizedPrompt, config: TuneConfig, fingerprint: str,
+                             report: dict) -> Adapter:
+    """The adapter file's content for a tuned model: its tensors, the task's prompt, the run's settings and results."""
     with torch.no_grad():
         features = model.prompt_features().detach()
     tensors = model.adapter_tensors()
@@ -274,9 +276,7 @@ def _metrics(metrics: dict) -> dict:
 def _check_writable(folder: Path) -> None:
     """Fail before any work when the adapter could not be written (a probe file, then removed)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".adapt-probe-"):
-            pass
+        check_writable(folder)
     except OSError as error:
         raise PermissionError(f"cannot write the adapter into {folder} ({error.strerror or error}): "
                               "choose another --out") from error

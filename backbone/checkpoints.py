@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from glip_io import atomic_write
 from backbone.config import GLIPConfig
+from backbone.device import DTYPES
 
 HUB_REPO = "GLIPModel/GLIP"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -70,7 +71,7 @@ def save_model(model, path: str | Path, *, exclude_prefix: str | None = None, dt
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (exclude_prefix and k.startswith(exclude_prefix))}
     if dtype is not None:
-        state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     header = {"format": "glip-adapt/model", "config": json.dumps(model.config.to_dict()),
               "excluded_prefix": exclude_prefix or "", **{k: str(v) for k, v in metadata.items()}}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))

@@ -80,7 +80,7 @@ def worker(base: str, strategy: str, cached: bool, batch_size: int, steps: int, 
     from adapt.adapter import save_adapter
     from adapt.cache import FeatureCache
     from adapt.grounding import GroundingCollator, grounding_loss, grounding_loss_fn
-    from adapt.tune import AdaptDataset, TuneConfig, build_strategy, make_adapter, task_tokens
+    from adapt.tune import AdaptDataset, TuneConfig, adapter_from_tuned_model, build_strategy, task_tokens
     from backbone.device import resolve_device, resolve_dtype
     from backbone.model import GLIP
     from backbone.processor import GLIPProcessor
@@ -104,7 +104,7 @@ def worker(base: str, strategy: str, cached: bool, batch_size: int, steps: int, 
     dataset = AdaptDataset(split, split.image_ids[:batch_size])
     batch = GroundingCollator(processor, task_prompt=prompt)([dataset[i] for i in range(batch_size)])
     step_s = _timed(_step_fn(model, batch, grounding_loss_fn(grounding_loss(glip.config)), device, dtype), steps)
-    adapter = make_adapter(model, task, prompt, config, "benchmark", {})
+    adapter = adapter_from_tuned_model(model, task, prompt, config, "benchmark", {})
     with tempfile.TemporaryDirectory() as tmp:
         path = save_adapter(adapter, Path(tmp) / "a.safetensors")
         adapter_bytes = path.stat().st_size

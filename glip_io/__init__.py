@@ -1,5 +1,5 @@
 """The ground every package stands on: file writes that a crash cannot tear (`atomic_write`, the one helper
-every package uses) and the COCO results records (`glip_io.coco`).
+every package uses), the writability probe (`check_writable`) and the COCO results records (`glip_io.coco`).
 
 A leaf package (it imports nothing of ours), so `tasks`, `backbone` and `adapt` can all use it without
 breaking the direction of imports.
@@ -44,3 +44,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object] | byte
         finally:
             os.close(dir_fd)
     return path
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create `folder` if needed, then write and remove a probe file in it: the one check that lets a long job
+    refuse an unwritable output before it starts. Raises the OSError a real write would meet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    os.close(fd)
+    os.unlink(name)

@@ -36,7 +36,8 @@ REFERENCE = Path(os.environ.get("ADAPT_REFERENCE_DIR", ROOT.parent / "shared" / 
 SCORE_TOLERANCE = 1e-4  # the reference rule's |Δscore|; measured differences are ~2e-7 (nano) and ~1.5e-5 (GLIP-T)
 
 
-def make_adapter(glip: GLIP, names: list[str], base_model: str, strategy: str = "prompt-tune", seed: int = 0) -> Adapter:
+def untrained_adapter(glip: GLIP, names: list[str], base_model: str, strategy: str = "prompt-tune",
+                      seed: int = 0) -> Adapter:
     """An adapter on `glip` without training: the base's P0, and perturbed tensors for the weight strategies."""
     adapter = zero_shot_adapter(glip, names, base_model, task="demo")
     generator = torch.Generator().manual_seed(seed)
@@ -81,7 +82,7 @@ def tiny(tmp_path_factory):
     save_model(glip, root / "tiny.safetensors")
     glip = GLIP.from_pretrained(str(root / "tiny.safetensors"))
     for strategy in ("prompt-tune", "linear-probe", "lora", "finetune"):
-        save_adapter(make_adapter(glip, ["fish", "shark", "crab"], str(root / "tiny.safetensors"), strategy),
+        save_adapter(untrained_adapter(glip, ["fish", "shark", "crab"], str(root / "tiny.safetensors"), strategy),
                      root / f"{strategy}.safetensors")
     other = GLIP.from_config(tiny_for_tests())
     save_model(other, root / "other.safetensors")
@@ -231,8 +232,8 @@ def nano(tmp_path_factory):
     from tasks import get_task
 
     names = get_task("icons-aquarium", data_root=root / "data").category_names
-    save_adapter(make_adapter(glip, names, "glip-nano"), root / "pt.safetensors")
-    save_adapter(make_adapter(glip, names, "glip-nano", "lora"), root / "lora.safetensors")
+    save_adapter(untrained_adapter(glip, names, "glip-nano"), root / "pt.safetensors")
+    save_adapter(untrained_adapter(glip, names, "glip-nano", "lora"), root / "lora.safetensors")
     return root, scenes
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import warnings
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import glip_io
 from glip_io import atomic_write
 from torch import Tensor, nn
 
@@ -52,11 +52,8 @@ def set_seed(seed: int, *, deterministic: bool = False) -> None:
 
 def check_writable(out_dir: Path) -> str | None:
     """None if `out_dir` can be created and written, else the error message."""
-    probe = out_dir / f".write-test-{os.getpid()}"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        glip_io.check_writable(out_dir)
     except OSError as e:
         return (f"out_dir '{out_dir}' is not writable ({e.strerror or e}); training did not start. "
                 "Fix: choose another folder or make this one writable.")
