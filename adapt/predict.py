@@ -24,18 +24,21 @@ class AdapterDetector:
     @classmethod
     def load(cls, adapter_path, base: str | None = None, *, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None) -> "AdapterDetector":
-        """From an adapter file (on its base, or `base`), or from a merged single-task model file."""
+        """From an adapter file or `hf://` reference (on its base, or `base`), or from a merged single-task model
+        file."""
         from adapt.adapter import AdapterError, read_merged, read_metadata
+        from adapt.hub import open_adapter
 
         resolve_dtype(dtype, resolve_device(device))  # refuse an impossible device or dtype before loading
+        label, adapter_path = str(adapter_path), open_adapter(adapter_path)
         merged = read_merged(adapter_path)
         if merged is not None:
             return cls(GLIP.from_pretrained(str(adapter_path)), merged, device=device, dtype=dtype)
-        name = base or read_metadata(adapter_path).get("base_model")  # read_metadata refuses non-adapters first
+        name = base or read_metadata(adapter_path, label).get("base_model")  # refuses non-adapters first
         if not name:
-            raise AdapterError(f"{adapter_path} does not name its base model; pass --base CHECKPOINT")
+            raise AdapterError(f"{label} does not name its base model; pass --base CHECKPOINT")
         glip = GLIP.from_pretrained(name)
-        return cls(glip, load_adapter(adapter_path, base=glip), device=device, dtype=dtype)
+        return cls(glip, load_adapter(adapter_path, base=glip, source=label), device=device, dtype=dtype)
 
     @property
     def categories(self) -> list[str]:

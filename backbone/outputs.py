@@ -190,6 +190,21 @@ class Detections:
     def select(self, keep: Tensor) -> "Detections":
         return replace(self, boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep])
 
+    def to_supervision(self):
+        """These detections as a `supervision.Detections` (xyxy, confidence, class_id, data["class_name"]), for
+        its annotators, trackers and zones. Needs the optional supervision package (the `supervision` extra)."""
+        try:
+            import supervision as sv
+        except ImportError:
+            raise ImportError("Detections.to_supervision needs the supervision package; install it with "
+                              "`pip install \"glip-adapt[supervision]\"`") from None
+        import numpy as np
+
+        return sv.Detections(xyxy=self.boxes.detach().float().cpu().numpy().reshape(-1, 4),
+                             confidence=self.scores.detach().float().cpu().numpy(),
+                             class_id=self.labels.detach().cpu().numpy().astype(int),
+                             data={"class_name": np.array(self.names, dtype=str)})
+
 
 def detach_outputs(outputs: HeadOutputs) -> HeadOutputs:
     values = {}
