@@ -40,7 +40,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
         raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from None
     return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
