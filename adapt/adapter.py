@@ -60,6 +60,7 @@ class Adapter:
     lora_config: dict | None = None
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the run's options: `adapt <strategy> --config ADAPTER` reruns it
     toolkit_version: str = __version__
 
     @property
@@ -99,6 +100,7 @@ class Adapter:
             "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
             "lora_config": json.dumps(self.lora_config), "training": json.dumps(self.training, default=str),
             "evaluation": json.dumps(self.evaluation, default=str), "toolkit_version": self.toolkit_version,
+            "config": json.dumps(self.config, default=str),
         }
 
 
@@ -177,6 +179,7 @@ def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None
             lora={k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")},
             lora_config=_meta_json(meta, "lora_config", label, "null"),
             training=_meta_json(meta, "training", label, "{}"), evaluation=_meta_json(meta, "evaluation", label, "{}"),
+            config=_meta_json(meta, "config", label, "{}"),
             toolkit_version=meta.get("toolkit_version", ""),
         )
         validate_adapter(adapter, label, category_tokens=_meta_json(meta, "category_tokens", label, "null"))
@@ -323,7 +326,7 @@ def validate_adapter(adapter: Adapter, label: str = "adapter", category_tokens: 
                                f"ids within the prompt's {length} tokens")
         if category_tokens != [row.nonzero().flatten().tolist() for row in positive]:
             raise AdapterError(f"{label}: metadata 'category_tokens' disagrees with prompt.positive_map")
-    for key in ("training", "evaluation"):
+    for key in ("training", "evaluation", "config"):
         if not isinstance(getattr(adapter, key), dict):
             raise AdapterError(f"{label}: metadata {key!r} must be a JSON object")
     _check_strategy(adapter, label)
@@ -515,7 +518,7 @@ def describe(path: str | Path) -> str:
         desc = (cat.get("prefix", "") + "…" + cat.get("suffix", "")).strip("…") if cat.get("prefix") or cat.get(
             "suffix") else ""
         lines.append(f"    {cat['name']:<24} tokens {toks} {desc}")
-    for key in ("lora_config", "training", "evaluation"):
+    for key in ("lora_config", "config", "evaluation"):
         value = json.loads(meta.get(key) or "null")
         if value:
             lines.append(f"  {key}: {json.dumps(value, sort_keys=True)}")

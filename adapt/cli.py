@@ -1,13 +1,19 @@
-"""The `adapt` command line: a thin layer over the Python API (heavy imports stay inside commands)."""
+"""The `adapt` command line: a thin layer over the Python API (heavy imports stay inside commands).
+
+The options of training, pretraining and serving are the fields of their config dataclasses (adapt.cli_config binds
+them); every failure of any command is one `error: ...` line (adapt.cli_config.CommandGroup).
+"""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
 from adapt import STRATEGIES
-from adapt.cli_tasks import resolve_data_root
+from adapt.cli_config import CommandError, CommandGroup, bind_options, build_command
+from adapt.cli_tasks import resolve_data_root, tasks_app
 
 # The two options every command that runs a model takes (resolved by backbone.device).
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when "
@@ -16,16 +22,14 @@ DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 (au
                                                           "(CUDA only)")]
 
 app = typer.Typer(help="Parameter-efficient adaptation of GLIP: one frozen core, many small task adapters.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  cls=CommandGroup.with_lazy(lambda: _lazy_commands()))
+app.add_typer(tasks_app, name="tasks", help="List, inspect, fetch and render detection tasks.")
 
 
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA when available, else CPU)")]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (CUDA only)")]
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Refuse with one `error: message` line and exit status `code`."""
+    raise CommandError(message, code)
 
 
 @app.command("verify-reference")
@@ -101,90 +105,38 @@ def detect(
         json_out.write_text(json.dumps(results, indent=1))
 
 
-@app.command()
-def pretrain(
-    preset: Annotated[str, typer.Option(help="glip-nano or glip-nano-a")] = "glip-nano",
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 3000,
-    batch_size: Annotated[int, typer.Option(help="images per step")] = 8,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 6e-4,
-    seed: Annotated[int, typer.Option(help="seed of data, prompts and init")] = 0,
-    out: Annotated[Path, typer.Option(help="run folder (checkpoints, metrics.jsonl)")] = Path("runs/pretrain"),
-    weights: Annotated[Optional[Path], typer.Option(help="final weights file")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
-    eval_every: Annotated[int, typer.Option(help="held-in evaluation every N steps")] = 500,
-    prompt_names: Annotated[int, typer.Option(help="names per detection prompt (present + absent)")] = 16,
-    grad_clip: Annotated[float, typer.Option(help="max total gradient norm (0: no clipping)")] = 1.0,
-    num_workers: Annotated[int, typer.Option(help="processes drawing scenes beside the training")] = 0,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out if it has a checkpoint")] = True,
-    device: DeviceOption = None,
-    dtype: DtypeOption = "float32",
-) -> None:
-    """Pretrain glip-nano(-a) on the icon world with GLIP's grounding objective ."""
+def _pretrain(values: dict) -> None:
+    """Pretrain glip-nano(-a) on the icon world with GLIP's grounding objective."""
     import json
 
     from adapt.pretrain import PretrainConfig, pretrain as run
 
-    try:
-        config = PretrainConfig(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out_dir=out,
-                                weights_out=weights, threads=threads, eval_every=eval_every, resume=resume,
-                                prompt_names=prompt_names, grad_clip=grad_clip or None, num_workers=num_workers,
-                                device=device, dtype=dtype, data_root=resolve_data_root())
-        summary = run(config)
-    except ValueError as error:  # DeviceError included: an unusable --device/--dtype
-        fail(str(error))
-    typer.echo(json.dumps(summary, indent=1))
+    summary = run(PretrainConfig(**values, data_root=resolve_data_root()))
+    typer.echo(json.dumps(summary.to_dict(), indent=1))
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        fail(f"{option} takes comma-separated numbers, e.g. 0.8,1; got {text!r}")
+def _build_pretrain():
+    from adapt.pretrain import PretrainConfig
+    from adapt.train.config import TrainConfig
+
+    return build_command("pretrain", bind_options(_pretrain, PretrainConfig, nested={"trainer": TrainConfig}))
 
 
 def _tune_command(strategy: str):
     def command(
-        task: Annotated[str, typer.Option(help="task name (see `adapt tasks list`) or task file")],
-        shots: Annotated[Optional[int], typer.Option(help="images per category (default: all training data)")] = None,
-        seed: Annotated[int, typer.Option(help="few-shot subset and training seed")] = 0,
-        base: Annotated[str, typer.Option(help="base checkpoint: glip-nano, glip-nano-a, an official .pth, ...")] = "glip-nano",
-        steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default by shots: 100..400)")] = None,
-        epochs: Annotated[Optional[float], typer.Option(help="passes over the training images (overrides --steps)")] = None,
-        lr: Annotated[Optional[float], typer.Option(help="learning rate (default per strategy)")] = None,
-        batch_size: Annotated[int, typer.Option(help="images per step")] = 4,
-        out: Annotated[Optional[Path], typer.Option(help="adapter file to write (.safetensors)")] = None,
+        values: dict,
         report: Annotated[Optional[Path], typer.Option(help="write metrics, timings and paths here (JSON)")] = None,
-        cache: Annotated[bool, typer.Option(help="cache frozen backbone+FPN features across epochs")] = True,
-        augment: Annotated[bool, typer.Option(help="also train on horizontally flipped views")] = False,
-        scales: Annotated[str, typer.Option(help="training scales as fractions of the input size, e.g. 0.8,1 "
-                                                 "(each is a fixed, cached view)")] = "1",
-        eval_limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N images only")] = None,
-        prompt_dtype: Annotated[Optional[str], typer.Option(
-            help="store P0 in the adapter as float16 or bfloat16 (half the bytes)")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
-        device: DeviceOption = None,
-        dtype: DtypeOption = "float32",
-        run_dir: Annotated[Optional[Path], typer.Option(
-            help="keep checkpoints and metrics.jsonl here (checkpoint at every evaluation), so the run can resume "
-                 "(default: a temporary folder, removed)")] = None,
-        resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from its last checkpoint")] = False,
     ) -> None:
-        from adapt.adapter import AdapterError
         from adapt.tune import TuneConfig, tune, write_report
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        out_path = out or Path("adapters") / f"{Path(task).stem}-{strategy}.safetensors"
-        try:
-            result = tune(TuneConfig(strategy=strategy, task=task, base=base, shots=shots, seed=seed, steps=steps,
-                                     epochs=epochs, lr=lr, batch_size=batch_size, out=out_path, cache_features=cache,
-                                     augment=augment, scales=_floats(scales, "--scales"), eval_limit=eval_limit,
-                                     prompt_dtype=prompt_dtype, device=device, dtype=dtype, run_dir=run_dir,
-                                     resume=resume, data_root=resolve_data_root()))
-        except (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, AdapterError) as error:
-            fail(str(error).strip('"'))
+        if values.get("out") is None:
+            values["out"] = Path("adapters") / f"{Path(values['task']).stem}-{strategy}.safetensors"
+        result = tune(TuneConfig(**values, data_root=resolve_data_root()))
         _print_tune(result)
         if report:
             write_report(result, report)
@@ -193,26 +145,34 @@ def _tune_command(strategy: str):
     return command
 
 
-for _strategy in STRATEGIES:  # one command per registered strategy, its help the strategy's summary
-    app.command(_strategy)(_tune_command(_strategy))
+def _build_tune(strategy: str):
+    from adapt.train.config import TrainConfig
+    from adapt.tune import TuneConfig
+
+    # LoRA's own settings are offered by `adapt lora` only (a config file may still carry them).
+    other = () if strategy == "lora" else tuple(f.name for f in dataclasses.fields(TuneConfig)
+                                                if f.name.startswith("lora_"))
+    return build_command(strategy, bind_options(_tune_command(strategy), TuneConfig, fixed={"strategy": strategy},
+                                                nested={"trainer": TrainConfig}, hide=other))
 
 
-def _print_tune(result: dict) -> None:
-    zero, tuned = result.get("zero_shot"), result["tuned"]
-    typer.echo(f"task {result['task']} · {result['strategy']} · {result['few_shot']}")
+def _print_tune(result) -> None:
+    zero, tuned = result.zero_shot, result.tuned
+    typer.echo(f"task {result.task} · {result.strategy} · {result.few_shot}")
     if zero:
-        typer.echo(f"  zero-shot  AP {zero['AP']:.1f}  AP50 {zero['AP50']:.1f}")
-    typer.echo(f"  tuned      AP {tuned['AP']:.1f}  AP50 {tuned['AP50']:.1f}")
-    typer.echo(f"  trainable parameters {result['trainable_parameters']:,}; "
-               f"{result['timings']['steps']} steps in {result['timings']['train_s']:.0f} s")
-    if "adapter" in result:
-        typer.echo(f"  adapter {result['adapter']['path']} ({result['adapter']['bytes']:,} bytes)")
+        typer.echo(f"  zero-shot  AP {zero.AP:.1f}  AP50 {zero.AP50:.1f}")
+    typer.echo(f"  tuned      AP {tuned.AP:.1f}  AP50 {tuned.AP50:.1f}")
+    typer.echo(f"  trainable parameters {result.trainable_parameters:,}; "
+               f"{result.timings.steps} steps in {result.timings.train_s:.0f} s")
+    if result.adapter_path is not None:
+        typer.echo(f"  adapter {result.adapter_path} ({result.adapter_bytes:,} bytes)")
 
 
 @app.command("eval")
 def evaluate_command(
-    task: Annotated[str, typer.Option(help="task name or task file")],
-    adapter: Annotated[Optional[Path], typer.Option(help="adapter file (default: zero-shot base)")] = None,
+    task: Annotated[str, typer.Option(help="task name, task file or dataset folder")],
+    adapter: Annotated[Optional[str], typer.Option(help="adapter file or hf://OWNER/NAME[@REV][/SUBFOLDER] "
+                                                      "(default: zero-shot base)")] = None,
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's, else glip-nano)")] = None,
     split: Annotated[Optional[str], typer.Option(help="split (default: the task's evaluation split)")] = None,
     protocol: Annotated[str, typer.Option(help="'task', 'all-chunked' (chunks fill 256 tokens), 'all-chunked-N' "
@@ -226,43 +186,39 @@ def evaluate_command(
     """COCO AP of a base (zero-shot, the task's prompt) or of an adapter on a task split."""
     import json
 
-    from adapt.adapter import AdapterError
     from adapt.evaluation import evaluate
     from tasks import get_task
 
-    try:
-        task_obj = get_task(task, data_root=resolve_data_root())
-        dataset = task_obj.split(split or task_obj.eval_split)
-        if adapter is not None:
-            from adapt.predict import AdapterDetector
+    task_obj = get_task(task, data_root=resolve_data_root())
+    dataset = task_obj.split(split or task_obj.eval_split)
+    if adapter is not None:
+        from adapt.predict import AdapterDetector
 
-            detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
-            if detector.categories != task_obj.category_names:
-                fail(f"adapter {adapter} is for categories {detector.categories}, not task {task_obj.name!r}'s")
-            metrics = evaluate(None, dataset, protocol, limit=limit, detect_fn=detector.detect_fn())
-        else:
-            from backbone.detector import GLIPDetector
+        detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
+        if detector.categories != task_obj.category_names:
+            fail(f"adapter {adapter} is for categories {detector.categories}, not task {task_obj.name!r}'s")
+        metrics = evaluate(None, dataset, protocol, limit=limit, detect_fn=detector.detect_fn())
+    else:
+        from backbone.detector import GLIPDetector
 
-            metrics = evaluate(GLIPDetector.from_pretrained(base or "glip-nano", device=device, dtype=dtype), dataset,
-                               protocol, limit=limit)
-    except (ValueError, KeyError, FileNotFoundError, AdapterError) as error:
-        fail(str(error).strip('"'))
+        metrics = evaluate(GLIPDetector.from_pretrained(base or "glip-nano", device=device, dtype=dtype), dataset,
+                           protocol, limit=limit)
     typer.echo(f"{task_obj.name} [{dataset.ann_file.parent.name}] protocol {protocol}: "
-               f"AP {metrics['AP']:.1f}  AP50 {metrics['AP50']:.1f}  AP75 {metrics['AP75']:.1f}")
-    floor = metrics.get("name_blind_floor_AP50")
-    typer.echo(f"  boxes found {metrics['hit_rate']:.1f} %, named right {metrics['naming_rate']:.1f} %"
+               f"AP {metrics.AP:.1f}  AP50 {metrics.AP50:.1f}  AP75 {metrics.AP75:.1f}")
+    floor = metrics.name_blind_floor_AP50
+    typer.echo(f"  boxes found {metrics.hit_rate:.1f} %, named right {metrics.naming_rate:.1f} %"
                + (f"; name-blind floor AP50 {floor:.1f}" if floor is not None else ""))
-    for name, value in (metrics.get("per_category") or {}).items():
+    for name, value in metrics.per_category.items():
         typer.echo(f"  {name:<28} AP {value if value is None else round(value, 1)}")
     if report:
         report.write_text(json.dumps({"task": task_obj.name, "adapter": str(adapter) if adapter else None,
-                                      "base": base, "metrics": metrics}, indent=1, default=str))
+                                      "base": base, "metrics": metrics.to_dict()}, indent=1, default=str))
 
 
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    adapter: Annotated[Optional[Path], typer.Option(help="adapter file")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="adapter file or hf://OWNER/NAME[@REV][/SUBFOLDER]")] = None,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="a task exported by `adapt export` (run by "
                                                  "onnxruntime instead of PyTorch; no --adapter needed)")] = None,
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
@@ -275,24 +231,19 @@ def predict(
     """Detect a task's categories with its adapter or its exported ONNX graph (the language backbone is not run)."""
     import json
 
-    from adapt.adapter import AdapterError
-
     if (adapter is None) == (onnx is None):
         fail("pass --adapter FILE (PyTorch) or --onnx FILE (onnxruntime), not both and not neither")
-    try:
-        if onnx is not None:
-            if base is not None:
-                fail("--base does not apply to --onnx: the exported graph already holds its base")
-            from adapt.onnx_runtime import OnnxDetector
+    if onnx is not None:
+        if base is not None:
+            fail("--base does not apply to --onnx: the exported graph already holds its base")
+        from adapt.onnx_runtime import OnnxDetector
 
-            detector = OnnxDetector(onnx)
-        else:
-            from adapt.predict import AdapterDetector
+        detector = OnnxDetector(onnx)
+    else:
+        from adapt.predict import AdapterDetector
 
-            detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
-        loaded = [detector.processor.load_image(p) for p in images]
-    except (ValueError, FileNotFoundError, AdapterError) as error:
-        fail(str(error))
+        detector = AdapterDetector.load(adapter, base, device=device, dtype=dtype)
+    loaded = [detector.processor.load_image(p) for p in images]
     records = []
     for index, (path, image) in enumerate(zip(images, loaded)):
         [dets] = detector.detect(image, threshold)
@@ -312,7 +263,8 @@ def predict(
 
 @app.command("export")
 def export_command(
-    adapter: Annotated[Path, typer.Option(help="adapter file (any strategy), or a merged model from `adapters merge`")],
+    adapter: Annotated[str, typer.Option(help="adapter file (any strategy), an hf://OWNER/NAME reference, or a merged "
+                                              "model from `adapters merge`")],
     out: Annotated[Path, typer.Option(help="ONNX file to write, e.g. task.onnx")],
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16 (weights; inputs and outputs stay "
@@ -324,8 +276,7 @@ def export_command(
                                                      "`adapt predict --adapter`)")] = None,
 ) -> None:
     """Export a task to ONNX: the base with the adapter folded in; images in, pre-NMS boxes and scores out."""
-    from adapt.adapter import AdapterError
-    from adapt.export import ExportError, export_task
+    from adapt.export import export_task
 
     fixed = None
     if size is not None:
@@ -333,28 +284,25 @@ def export_command(
         if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
             fail(f"--size takes HEIGHTxWIDTH, e.g. 800x1344; got {size!r}")
         fixed = (int(parts[0]), int(parts[1]))
-    try:
-        result = export_task(adapter, out, base=base, dtype=dtype, opset=opset, fixed_size=fixed)
-    except (ExportError, AdapterError, FileNotFoundError) as error:
-        fail(str(error))
+    result = export_task(adapter, out, base=base, dtype=dtype, opset=opset, fixed_size=fixed)
     shape = "x".join(str(v) for v in result.input_shape)
     typer.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): task {result.task!r} ({result.strategy}), "
                f"input {shape}, opset {result.opset}, {result.dtype}, {result.seconds:.0f} s")
 
 
-adapters_app = typer.Typer(help="Inspect and merge adapter files.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Inspect, merge and pull adapter files.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 
 
 @adapters_app.command("inspect")
-def adapters_inspect(path: Annotated[Path, typer.Argument(help="adapter file")]) -> None:
+def adapters_inspect(
+    path: Annotated[str, typer.Argument(help="adapter file or hf://OWNER/NAME[@REV][/SUBFOLDER]")],
+) -> None:
     """Print everything an adapter holds: strategy, task, prompt, base fingerprint, settings, results, tensors."""
-    from adapt.adapter import AdapterError, describe
+    from adapt.adapter import describe
+    from adapt.hub import open_adapter
 
-    try:
-        typer.echo(describe(path))
-    except AdapterError as error:
-        fail(str(error))
+    typer.echo(describe(open_adapter(path)))
 
 
 @adapters_app.command("merge")
@@ -364,17 +312,53 @@ def adapters_merge(
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
 ) -> None:
     """Write a standalone model with the adapter folded in (for deploying one task)."""
-    from adapt.adapter import AdapterError, merge_adapter
+    from adapt.adapter import merge_adapter
 
-    try:
-        merge_adapter(path, out, base)
-    except AdapterError as error:
-        fail(str(error))
+    merge_adapter(path, out, base)
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
+@adapters_app.command("pull")
+def adapters_pull(
+    ref: Annotated[str, typer.Argument(help="hf://OWNER/NAME[@REV][/SUBFOLDER]")],
+    to: Annotated[Optional[Path], typer.Option(help="copy it into this folder as <task>.safetensors (a server's "
+                                                   "--adapters folder); default: only fetch it into the HF cache")]
+    = None,
+    name: Annotated[Optional[str], typer.Option(help="file name in --to, without .safetensors (default: the "
+                                                     "adapter's task)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a different adapter of that name in --to")] = False,
+) -> None:
+    """Fetch an adapter from the Hugging Face Hub into the local cache (usable offline after), optionally into a folder."""
+    from adapt.hub import pull
+
+    path = pull(ref, to, name=name, overwrite=overwrite)
+    typer.echo(f"{ref} -> {path}")
+
+
 @app.command()
-def serve(
+def push(
+    adapter: Annotated[str, typer.Argument(help="adapter file (or an hf:// reference to copy)")],
+    repo_id: Annotated[str, typer.Argument(metavar="OWNER/NAME", help="Hub model repository (created if missing)")],
+    private: Annotated[bool, typer.Option("--private", help="create the repository private")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="branch to commit to (created from main if missing)")]
+    = None,
+    local_dir: Annotated[Optional[Path], typer.Option(help="only write the repository's files into this folder "
+                                                          "(no upload)")] = None,
+) -> None:
+    """Share an adapter on the Hugging Face Hub: adapter_model.safetensors, adapter_config.json and a model card.
+
+    Uses your Hub login (`hf auth login` or HF_TOKEN). Others then run `adapt predict --adapter hf://OWNER/NAME`."""
+    from adapt.hub import push as push_adapter
+
+    result = push_adapter(adapter, repo_id, private=private, revision=revision, local_dir=local_dir)
+    ref = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    typer.echo(f"wrote {', '.join(result.files)} to {result.location}")
+    if local_dir is None:
+        typer.echo(f"use it with: adapt predict --adapter {ref} IMAGE")
+
+
+def _serve(
+    values: dict,
     adapters: Annotated[Path, typer.Option(help="adapter folder: one <task>.safetensors per task (uploads land here)")]
     = Path("adapters"),
     base: Annotated[str, typer.Option(help="checkpoint name or path the adapters were trained on")] = "glip-nano",
@@ -383,17 +367,14 @@ def serve(
     keys: Annotated[Optional[str], typer.Option(
         help="API key file (JSON/YAML with sha256 digests, see docs/serving.md); default $ADAPT_SERVE_KEYS (a path "
              "or inline JSON); none = open server, no uploads")] = None,
-    max_batch: Annotated[int, typer.Option(help="most requests in one model batch (1 = batching off)")] = 8,
-    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
-    max_queue: Annotated[int, typer.Option(help="waiting requests beyond this get 503 + Retry-After")] = 64,
-    deadline: Annotated[float, typer.Option(help="per-request deadline, seconds (then 504)")] = 30.0,
-    cache_mb: Annotated[int, typer.Option(help="memory bound of loaded adapters, MiB (LRU)")] = 256,
     max_body_mb: Annotated[int, typer.Option(help="largest detect request body, MiB")] = 16,
-    max_pixels: Annotated[int, typer.Option(help="largest image, width x height (decompression-bomb guard)")]
-    = 25_000_000,
+    header_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request's headers (then 408 "
+                                                       "and the connection closes)")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request's body after its "
+                                                     "headers (then 408 and the connection closes)")] = 10.0,
+    docs: Annotated[bool, typer.Option("--docs", help="serve Swagger UI at /docs (it loads its scripts from a "
+                                                      "CDN)")] = False,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = "float32",
     ray: Annotated[bool, typer.Option("--ray", help="run as a Ray Serve deployment on a local Ray instance "
                                                     "(on CUDA: one replica per GPU)")] = False,
     replicas: Annotated[Optional[int], typer.Option(
@@ -402,6 +383,7 @@ def serve(
     """Serve every adapter in --adapters over HTTP on one shared base: POST /v1/tasks/{task}/detect."""
     import os
 
+    from adapt.serve.app import HTTPLimits
     from adapt.serve.engine import EngineConfig
     from adapt.serve.server import load_keys, run_http, run_ray
     from backbone.device import resolve_device, resolve_dtype
@@ -410,88 +392,45 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    try:
-        resolve_dtype(dtype, resolve_device(device))  # refuse a device or dtype this machine lacks before loading
-        config = EngineConfig(max_batch=max_batch, batch_window_ms=batch_window_ms, max_queue=max_queue,
-                              deadline_s=deadline, cache_bytes=cache_mb * 2**20, max_pixels=max_pixels,
-                              device=device, dtype=dtype)
-        key_config = load_keys(keys or os.environ.get("ADAPT_SERVE_KEYS"))
-        options = dict(base=base, adapters_dir=adapters, engine_config=config, keys=key_config, host=host, port=port,
-                       max_body_bytes=max_body_mb * 2**20)
-        if ray:
-            run_ray(**options, replicas=replicas, threads=threads)
-        else:
-            run_http(**options)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
+    config = EngineConfig(**values)
+    resolve_dtype(config.dtype, resolve_device(config.device))  # refuse a device this machine lacks before loading
+    key_config = load_keys(keys or os.environ.get("ADAPT_SERVE_KEYS"))
+    http = HTTPLimits(max_body_bytes=max_body_mb * 2**20, header_timeout_s=header_timeout,
+                      body_timeout_s=body_timeout)
+    options = dict(base=base, adapters_dir=adapters, engine_config=config, keys=key_config, host=host, port=port,
+                   http=http, docs=docs)
+    if ray:
+        run_ray(**options, replicas=replicas, threads=threads)
+    else:
+        run_http(**options)
 
 
-def _register_subapps() -> None:
-    from adapt.cli_tasks import tasks_app
+def _build_serve():
+    from adapt.serve.engine import EngineConfig
 
-    app.add_typer(tasks_app, name="tasks", help="List, inspect, fetch and render detection tasks.")
-
-
-# Known failures and the one line a user sees for them; anything else is reported as a bug, still in one line.
-_PICKLE_HINT = ("holds pickled objects other than tensors, which this toolkit will not unpickle (that could run code); "
-                "pass a .safetensors checkpoint, a checkpoint name (e.g. glip-nano) or an official GLIP .pth")
+    return build_command("serve", bind_options(_serve, EngineConfig))
 
 
-def _argument(option: str) -> str | None:
-    """The value given to `option` on this command line, for naming it in an error."""
-    import sys
+def _lazy_commands() -> dict:
+    """The commands built on first use: {name: (summary, build)}; one per registered strategy."""
+    from functools import partial
 
-    argv = sys.argv[1:]
-    for i, arg in enumerate(argv):
-        if arg == option and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(option + "="):
-            return arg.split("=", 1)[1]
-    return None
+    commands = {name: (spec.summary, partial(_build_tune, name)) for name, spec in STRATEGIES.items()}
+    commands["pretrain"] = ("Pretrain glip-nano(-a) on the icon world with GLIP's grounding objective.",
+                            _build_pretrain)
+    commands["serve"] = ("Serve every adapter in --adapters over HTTP on one shared base.", _build_serve)
+    return commands
 
 
-def user_message(error: BaseException) -> str:
-    """One line for `error`: what went wrong and what to do next (never a traceback, never torch's advice)."""
-    import pickle
-
-    from PIL import UnidentifiedImageError
-
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
-        source = _argument("--base")
-        return f"{repr(source) if source else 'the checkpoint'} {_PICKLE_HINT}"
-    if isinstance(error, UnidentifiedImageError):
-        return f"{text.replace('cannot identify image file', 'cannot read image')}; pass a PNG, JPEG or WebP file"
-    if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
-        return f"{text}; check the path"
-    if isinstance(error, OSError) and "image" in text.lower():
-        return f"{text}; the image is truncated or corrupt, re-export it"
-    if isinstance(error, (ValueError, KeyError, TypeError, OSError)):
-        return text.strip('"')
-    return f"{type(error).__name__}: {text} (an internal error; rerun with ADAPT_DEBUG=1 for the traceback and report it)"
 
 
 def main() -> None:
-    """The `adapt` entry point: every command's failure is one `error: ...` line and exit status 2."""
-    import os
-    import sys
+    """The `adapt` entry point ([project.scripts]): the app with warnings as one line each."""
     import warnings
 
-    _register_subapps()
     warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's, before its pickle refusal
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line, no source echo
-    try:
-        app(standalone_mode=True)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except BaseException as error:
-        if os.environ.get("ADAPT_DEBUG"):
-            raise
-        typer.echo(f"error: {user_message(error)}", err=True)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

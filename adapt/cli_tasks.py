@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
+from adapt.cli_config import CommandError, CommandGroup
+
 tasks_app = typer.Typer(help="List, inspect, fetch and render detection tasks.", no_args_is_help=True,
-                        add_completion=False, pretty_exceptions_enable=False)
+                        add_completion=False, pretty_exceptions_enable=False, cls=CommandGroup)
 
 ROOT_HELP = "Data root (default: $ADAPT_DATA, else ~/.cache/glip-adapt/data)."
 
@@ -29,9 +31,9 @@ def resolve_data_root(root: Optional[Path] = None) -> Path:
     return default_data_root()
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+def _fail(message: str) -> NoReturn:
+    """A task that cannot be listed, shown or fetched: one `error:` line, exit status 1."""
+    raise CommandError(message, code=1)
 
 
 def _get(name: str, root: Path):

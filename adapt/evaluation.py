@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torchvision.ops import box_convert, box_iou
@@ -24,6 +25,49 @@ from tasks.evaluate import detections_to_results, evaluate_detections
 
 # The figures a run is judged by: COCO AP/AP50 and whether the right name wins (see naming_rate, name_blind_floor).
 HEADLINE_METRICS = ("AP", "AP50", "hit_rate", "naming_rate", "name_blind_floor_AP50")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    """What `evaluate` measured: COCO AP in percent (None where no ground truth is in that area range) and how
+    often the right name wins. `to_dict()` is its JSON form."""
+
+    AP: float
+    AP50: float
+    AP75: float
+    APs: float | None
+    APm: float | None
+    APl: float | None
+    AR1: float
+    AR10: float
+    AR100: float
+    ARs: float | None
+    ARm: float | None
+    ARl: float | None
+    per_category: dict[str, float | None] = field(metadata={"help": "AP per category name (None: no ground truth)"})
+    num_detections: int
+    num_images: int
+    protocol: str
+    seconds_per_image: float
+    hit_rate: float = field(metadata={"help": "% of ground-truth boxes some detection hits at IoU 0.5"})
+    naming_rate: float = field(metadata={"help": "% of hit boxes whose best hit carries the right name"})
+    name_blind_floor_AP50: float | None = field(default=None, metadata={
+        "help": "AP50 of perfect boxes with random names under a per-image prompt protocol"})
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        if out["name_blind_floor_AP50"] is None:
+            del out["name_blind_floor_AP50"]
+        return out
+
+    def headline(self) -> dict[str, float]:
+        """The HEADLINE_METRICS this evaluation has."""
+        return {k: getattr(self, k) for k in HEADLINE_METRICS if getattr(self, k) is not None}
+
+    def summary(self) -> dict:
+        """AP by IoU and area, per category and the speed: what an adapter file and a tune report keep."""
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_category", "seconds_per_image")
+        return {k: getattr(self, k) for k in keys}
 
 
 def task_prompt(categories, use_descriptions: bool = True) -> list[CategoryPrompt]:
@@ -66,7 +110,7 @@ def run_detection(detector: GLIPDetector, dataset, labels_for_image: Callable[[i
 
 
 def evaluate(detector: GLIPDetector, dataset, protocol: str = "task", *, limit: int | None = None,
-             seed: int = 0, batch_size: int = 8, detect_fn=None) -> dict:
+             seed: int = 0, batch_size: int = 8, detect_fn=None) -> EvalResult:
     """Detect on every image of `dataset` under `protocol` and score with COCOeval (metrics in percent)."""
     chooser, max_categories = None, None
     if protocol == "task" or protocol == "all-chunked":
@@ -86,7 +130,7 @@ def evaluate(detector: GLIPDetector, dataset, protocol: str = "task", *, limit: 
     metrics.update(protocol=protocol, seconds_per_image=per_image, **naming_rate(dataset, results, image_ids))
     if chooser is not None:
         metrics["name_blind_floor_AP50"] = name_blind_floor(dataset, image_ids, chooser, seed)
-    return metrics
+    return EvalResult(**metrics)
 
 
 def naming_rate(dataset, results: list[dict], image_ids: Sequence[int], iou: float = 0.5) -> dict:

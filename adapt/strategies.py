@@ -182,7 +182,8 @@ class LoRA(AdaptedGLIP):
 
     @classmethod
     def from_tune_config(cls, glip: GLIP, prompt: TokenizedPrompt, config) -> "LoRA":
-        return cls(glip, prompt, r=config.lora_r, alpha=config.lora_alpha)
+        return cls(glip, prompt, r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets,
+                   dropout=config.lora_dropout)
 
     def adapter_tensors(self) -> dict[str, dict[str, Tensor]]:
         lora = {}

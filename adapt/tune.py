@@ -20,10 +20,13 @@ from glip_io import check_writable
 from adapt import STRATEGY_NAMES, get_strategy
 from adapt.adapter import Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
 from adapt.cache import FeatureCache
-from adapt.evaluation import evaluate, task_prompt
+from adapt.cli_config import config_dict, write_config
+from adapt.evaluation import EvalResult, evaluate, task_prompt
 from adapt.grounding import GroundingBatch, GroundingCollator, grounding_loss, grounding_loss_fn
-from adapt.strategies import AdaptedGLIP
-from adapt.train import TrainConfig, Trainer, load_trainable
+from adapt.strategies import LORA_DEFAULT_TARGETS, AdaptedGLIP
+from adapt.train import TrainConfig, Trainer, load_trainable, set_seed
+from adapt.train.config import check_overrides
+from adapt.train.tracking import Tracker, flat_params, open_trackers, parse_report_to
 from backbone.detector import GLIPDetector
 from backbone.device import DTYPES, resolve_device, resolve_dtype
 from backbone.model import GLIP
@@ -35,15 +38,17 @@ from backbone.processor import GLIPProcessor, TokenizedPrompt, rescale_boxes
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
     strategy: str = field(metadata={"help": " | ".join(STRATEGY_NAMES)})
-    task: str = field(metadata={"help": "task name or task file"})
+    task: str = field(metadata={"help": "task name, task file or dataset folder (COCO, YOLO, Pascal VOC)"})
     base: str = field(default="glip-nano", metadata={"help": "checkpoint name or path"})
     shots: int | None = field(default=None, metadata={"help": "images per category (None: all training data)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the few-shot subset, the initialisation and the data "
+                                                  "order"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: by shots)"})
     epochs: float | None = field(default=None, metadata={"help": "passes over the training images (overrides steps)"})
-    batch_size: int = 4
-    lr: float | None = None
-    weight_decay: float | None = None
+    batch_size: int = field(default=4, metadata={"help": "images per optimizer step"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the strategy's)"})
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (default: the "
+                                                                         "strategy's)"})
     cache_features: bool = field(default=True, metadata={"help": "cache frozen backbone+FPN features"})
     augment: bool = field(default=False, metadata={"help": "cache/train a horizontally flipped view too"})
     scales: tuple[float, ...] = field(default=(1.0,), metadata={
@@ -53,7 +58,8 @@ class TuneConfig:
     validate: bool = field(default=True, metadata={"help": "keep the checkpoint with the best valid-split AP "
                                                            "(off: keep the last one; saves the valid evaluations)"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the base before training"})
-    out: Path | None = field(default=None, metadata={"help": "adapter file to write"})
+    out: Path | None = field(default=None, metadata={"help": "adapter file to write (the command line's default: "
+                                                               "adapters/<task>-<strategy>.safetensors)"})
     run_dir: Path | None = field(default=None, metadata={"help": "checkpoints and logs (default: a temp folder, "
                                                                  "removed at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in run_dir from its checkpoint"})
@@ -61,20 +67,80 @@ class TuneConfig:
     dtype: str = field(default="float32", metadata={
         "help": "training compute precision: float32, bfloat16 (autocast, CPU or CUDA) or float16 (autocast + "
                 "GradScaler, CUDA only); weights stay float32, evaluation runs in float32"})
-    data_root: Path | None = None
+    data_root: Path | None = field(default=None, metadata={"help": "root of the task data (default: the "
+                                                                   "tasks package's)"})
     prompt_dtype: str | None = field(default=None, metadata={"help": "store P0 as float16/bfloat16 (half the "
                                                                          "bytes of a prompt adapter)"})
-    lora_r: int = 8
-    lora_alpha: float = 16.0
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r of the low-rank update B·A"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the update is scaled by alpha / r"})
+    lora_targets: str = field(default=LORA_DEFAULT_TARGETS, metadata={
+        "help": "regular expression of the linear layers LoRA wraps (full match of the module name)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout on the input of the update"})
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N images only"})
-    progress: bool = True
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    trainer: dict = field(default_factory=dict, metadata={
+        "help": "TrainConfig settings over the run's own, e.g. {'grad_accumulation': 2}"})
+    report_to: str = field(default="none", metadata={
+        "help": "trackers that also get the run (settings, training curves, AP and AP50 of each evaluation, final "
+                "metrics, adapter size): 'none' or a comma-separated list of tensorboard, mlflow, wandb"})
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "report_to", ",".join(parse_report_to(self.report_to)) or "none")
         get_strategy(self.strategy)  # refuses an unknown strategy, listing the registered ones
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}; pass one of them")
         if self.resume and self.run_dir is None:
             raise ValueError("resume needs the run folder of the earlier run: pass run_dir (--run-dir DIR)")
+        check_overrides(self.trainer, "TuneConfig")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneTimings:
+    train_s: float = field(metadata={"help": "seconds of training (evaluations during training included)"})
+    step_s: float = field(metadata={"help": "train_s per optimizer step"})
+    steps: int = field(metadata={"help": "optimizer steps done (across resumes)"})
+    total_s: float = field(metadata={"help": "seconds of the whole run"})
+    feature_cache: dict | None = field(metadata={"help": "hits and misses of the frozen-feature cache"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneResult:
+    """What one `tune` run did; `to_dict()` is its JSON report."""
+
+    strategy: str
+    task: str
+    base: str
+    shots: int | None
+    seed: int
+    few_shot: str = field(metadata={"help": "the few-shot subset, described"})
+    train_images: int
+    prompt: str = field(metadata={"help": "the task prompt's caption"})
+    device: str
+    dtype: str
+    zero_shot: EvalResult | None = field(metadata={"help": "the base on the evaluation split (None: not run)"})
+    tuned: EvalResult = field(metadata={"help": "the adapted model on the evaluation split"})
+    trainable_parameters: int
+    trainable_tensors: int
+    timings: TuneTimings
+    best_valid_step: int | None = field(metadata={"help": "step of the kept checkpoint (None: the last one)"})
+    best_valid_AP: float | None
+    resumed_from_step: int | None
+    adapter_path: Path | None = field(default=None, metadata={"help": "the adapter file written (None: not saved)"})
+    adapter_bytes: int | None = None
+    config: dict = field(default_factory=dict, metadata={"help": "the run's options (what --config reads)"})
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in ("strategy", "task", "base", "shots", "seed", "few_shot", "train_images",
+                                             "prompt", "device", "dtype")}
+        if self.zero_shot is not None:
+            out["zero_shot"] = self.zero_shot.summary()
+        out.update(tuned=self.tuned.summary(), trainable_parameters=self.trainable_parameters,
+                   trainable_tensors=self.trainable_tensors, timings=asdict(self.timings),
+                   best_valid={"step": self.best_valid_step, "AP": self.best_valid_AP},
+                   resumed_from_step=self.resumed_from_step, config=self.config)
+        if self.adapter_path is not None:
+            out["adapter"] = {"path": str(self.adapter_path), "bytes": self.adapter_bytes}
+        return out
 
 
 def default_steps(shots: int | None) -> int:
@@ -147,13 +213,47 @@ def build_strategy(name: str, glip: GLIP, prompt: TokenizedPrompt, config: TuneC
     return get_strategy(name).model_class().from_tune_config(glip, prompt, config)
 
 
-def tune(config: TuneConfig) -> dict:
-    """Run one adaptation; returns the report (also written beside the adapter)."""
+def tune(config: TuneConfig) -> TuneResult:
+    """Run one adaptation. The resolved options go into the adapter's header (`config`) and, with a run_dir,
+    into run_dir/config.yaml: `adapt <strategy> --config` on either reproduces the run.
+
+    With `report_to`, the run also goes to those trackers: this config and the engine's resolved one as
+    params, the zero-shot metrics at step 0, the training curves, and the final metrics and adapter size.
+    TensorBoard's files go to run_dir/tensorboard, or runs/<run name> without a run_dir.
+    """
+    run_name = tracking_run_name(config)
+    log_dir = Path(config.run_dir) / "tensorboard" if config.run_dir else Path("runs") / run_name
+    with open_trackers(config.report_to, log_dir, run_name) as tracker:
+        tracker.log_params(flat_params(asdict(config)))
+        report = _tune(config, tracker)
+        tracker.log_metrics(final_metrics(report), step=report.timings.steps)
+    return report
+
+
+def tracking_run_name(config: TuneConfig) -> str:
+    """'prompt-tune-myfood-10shot-seed0-20261204-213000': what a tracker lists the run as."""
+    task = Path(str(config.task)).stem if str(config.task).endswith((".yaml", ".yml", ".json")) else \
+        Path(str(config.task)).name
+    shots = f"{config.shots}shot" if config.shots else "all"
+    return f"{config.strategy}-{task}-{shots}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def final_metrics(report: TuneResult) -> dict[str, float]:
+    """The tracker metrics of a finished run's report: 'final/AP', 'final/AP50', ..., 'adapter/bytes'."""
+    metrics = {f"final/{k}": float(v) for k, v in report.tuned.summary().items() if isinstance(v, (int, float))}
+    if report.adapter_bytes is not None:
+        metrics["adapter/bytes"] = float(report.adapter_bytes)
+    return metrics
+
+
+def _tune(config: TuneConfig, tracker: Tracker) -> TuneResult:
     from tasks import get_task
 
     started = time.perf_counter()
     if config.out is not None:
         _check_writable(Path(config.out).parent)
+    if config.run_dir is not None:
+        write_config(config, Path(config.run_dir) / "config.yaml")
     views = training_views(config.scales, config.augment)
     resolve_prompt_dtype(config.prompt_dtype)  # refuse a bad --prompt-dtype before training, not after
     device = resolve_device(config.device)
@@ -169,35 +269,36 @@ def tune(config: TuneConfig) -> dict:
     processor = GLIPProcessor.from_config(glip.config)
     postprocessor = Postprocessor.from_config(glip.config)
     prompt = task_tokens(processor, task.categories)
-    report = {"strategy": config.strategy, "task": task.name, "base": config.base, "shots": config.shots,
-              "seed": config.seed, "few_shot": subset.describe() if subset else "all training images",
-              "train_images": len(image_ids), "prompt": prompt.caption, "device": str(device), "dtype": config.dtype}
+    zero_shot = None
     if config.zero_shot:
-        report["zero_shot"] = _metrics(evaluate(GLIPDetector(glip, processor, postprocessor), test_split,
-                                                limit=config.eval_limit))
+        zero_shot = evaluate(GLIPDetector(glip, processor, postprocessor), test_split, limit=config.eval_limit)
+        tracker.log_metrics({"zero_shot/AP": zero_shot.AP, "zero_shot/AP50": zero_shot.AP50}, step=0)
 
+    set_seed(config.seed)  # the strategy's initial weights (e.g. LoRA's A) are a function of the seed alone
     model = build_strategy(config.strategy, glip, prompt, config)
-    report["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report["trainable_tensors"] = len(model.trainable_names())
     cache = FeatureCache() if config.cache_features and model.frozen_visual else None
     model.use_feature_cache(cache)
     dataset = AdaptDataset(train_split, image_ids, views, min_size=glip.config.image.min_size)
     detect_fn = adapted_detect_fn(model, processor, postprocessor, task.category_names)
     result, train_seconds = _fit(model, config, dataset, GroundingCollator(processor, task_prompt=prompt),
-                                 valid_split, detect_fn)
+                                 valid_split, detect_fn, tracker)
     model.eval()
-    report["tuned"] = _metrics(evaluate(None, test_split, limit=config.eval_limit, detect_fn=detect_fn))
-    report["timings"] = {"train_s": round(train_seconds, 2), "step_s": round(train_seconds / max(result.step, 1), 4),
-                         "steps": result.step, "total_s": 0.0, "feature_cache": cache.stats() if cache else None}
-    report["best_valid"] = {"step": result.best_step, "AP": result.best_value}
-    report["resumed_from_step"] = result.resumed_from_step
-
-    adapter = adapter_from_tuned_model(model, task, prompt, config, fingerprint, report)
+    tuned = evaluate(None, test_split, limit=config.eval_limit, detect_fn=detect_fn)
+    adapter = adapter_from_tuned_model(model, task, prompt, config, fingerprint, zero_shot, tuned)
     if config.out is not None:
         save_adapter(adapter, config.out, prompt_dtype=config.prompt_dtype)
-        report["adapter"] = {"path": str(config.out), "bytes": Path(config.out).stat().st_size}
-    report["timings"]["total_s"] = round(time.perf_counter() - started, 2)
-    return report
+    return TuneResult(
+        strategy=config.strategy, task=task.name, base=config.base, shots=config.shots, seed=config.seed,
+        few_shot=subset.describe() if subset else "all training images", train_images=len(image_ids),
+        prompt=prompt.caption, device=str(device), dtype=config.dtype, zero_shot=zero_shot, tuned=tuned,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_tensors=len(model.trainable_names()),
+        timings=TuneTimings(train_s=round(train_seconds, 2), step_s=round(train_seconds / max(result.step, 1), 4),
+                            steps=result.step, total_s=round(time.perf_counter() - started, 2),
+                            feature_cache=cache.stats() if cache else None),
+        best_valid_step=result.best_step, best_valid_AP=result.best_value, resumed_from_step=result.resumed_from_step,
+        adapter_path=None if config.out is None else Path(config.out),
+        adapter_bytes=None if config.out is None else Path(config.out).stat().st_size, config=adapter.config)
 
 
 def _training_images(task, train_split, config: TuneConfig):
@@ -219,25 +320,27 @@ def train_config_for(config: TuneConfig, run_dir: Path, num_samples: int, has_va
     eval_every = config.eval_every or max(steps // 4, 25)
     spec = get_strategy(config.strategy)
     weight_decay = config.weight_decay if config.weight_decay is not None else spec.weight_decay
-    return TrainConfig(
+    settings = dict(
         out_dir=run_dir, lr=config.lr or spec.lr, weight_decay=weight_decay, lr_multipliers=spec.lr_multipliers,
         schedule="cosine", warmup_steps=min(20, steps // 10), max_steps=steps,
         batch_size=min(config.batch_size, num_samples), grad_clip=1.0, eval_every=eval_every,
         checkpoint_every=min(eval_every, steps) if config.run_dir else steps,
         best_metric="AP" if has_valid else None, seed=config.seed, log_every=10, progress=config.progress,
-        max_bad_steps=10, device=config.device, dtype=config.dtype)
+        max_bad_steps=10, device=config.device, dtype=config.dtype, report_to=config.report_to)
+    return TrainConfig(**{**settings, **config.trainer})
 
 
 def _fit(model: AdaptedGLIP, config: TuneConfig, dataset: AdaptDataset, collate: GroundingCollator, valid_split,
-         detect_fn):
+         detect_fn, tracker: Tracker):
     """Train (or resume) in the run folder, then load the best validation checkpoint: (TrainResult, seconds)."""
     def eval_fn(wrapped) -> dict:
-        return {"AP": evaluate(None, valid_split, limit=config.eval_limit, detect_fn=detect_fn)["AP"]}
+        metrics = evaluate(None, valid_split, limit=config.eval_limit, detect_fn=detect_fn)
+        return {"AP": metrics.AP, "AP50": metrics.AP50}
 
     run_dir = Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix=f"adapt-{config.strategy}-"))
     train_config = train_config_for(config, run_dir, len(dataset), valid_split is not None)
     trainer = Trainer(model, train_config, grounding_loss_fn(grounding_loss(model.glip.config)), dataset,
-                      collate_fn=collate, eval_fn=eval_fn if valid_split is not None else None)
+                      collate_fn=collate, eval_fn=eval_fn if valid_split is not None else None, tracker=tracker)
     started = time.perf_counter()
     try:
         result = trainer.fit(resume=config.resume)
@@ -251,7 +354,7 @@ def _fit(model: AdaptedGLIP, config: TuneConfig, dataset: AdaptDataset, collate:
 
 
 def adapter_from_tuned_model(model: AdaptedGLIP, task, prompt: TokenizedPrompt, config: TuneConfig, fingerprint: str,
-                             report: dict) -> Adapter:
+                             zero_shot: EvalResult | None = None, tuned: EvalResult | None = None) -> Adapter:
     """The adapter file's content for a tuned model: its tensors, the task's prompt, the run's settings and results."""
     with torch.no_grad():
         features = model.prompt_features().detach()
@@ -264,13 +367,9 @@ def adapter_from_tuned_model(model: AdaptedGLIP, task, prompt: TokenizedPrompt, 
         base_model=config.base, base_fingerprint=fingerprint, weights=tensors["weights"], lora=tensors["lora"],
         lora_config=getattr(model, "lora_config", None),
         training={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        evaluation={"zero_shot": report.get("zero_shot"), "tuned": report.get("tuned")},
+        evaluation={"zero_shot": zero_shot and zero_shot.summary(), "tuned": tuned and tuned.summary()},
+        config=config_dict(config),
     )
-
-
-def _metrics(metrics: dict) -> dict:
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_category", "seconds_per_image")
-    return {k: metrics[k] for k in keys if k in metrics}
 
 
 def _check_writable(folder: Path) -> None:
@@ -282,5 +381,5 @@ def _check_writable(folder: Path) -> None:
                               "choose another --out") from error
 
 
-def write_report(report: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=1, default=str))
+def write_report(report: TuneResult, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=1, default=str))

@@ -13,7 +13,10 @@ from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
+from backbone.config import DyHeadConfig
 from backbone.fusion import FusionBlock
+
+DEFAULT_DEFORM_IMPL = DyHeadConfig.deform_impl  # the model config's default, so the two never differ
 
 
 def h_sigmoid(x: Tensor) -> Tensor:
@@ -115,7 +118,8 @@ def modulated_deform_conv(x: Tensor, offset: Tensor, mask: Tensor, weight: Tenso
 class Conv3x3Norm(nn.Module):
     """(Deformable) 3x3 conv followed by GroupNorm."""
 
-    def __init__(self, channels: int, stride: int, deformable: bool, groups: int, deform_impl: str = "torchvision"):
+    def __init__(self, channels: int, stride: int, deformable: bool, groups: int,
+                 deform_impl: str = DEFAULT_DEFORM_IMPL):
         super().__init__()
         if deform_impl not in DEFORM_IMPLEMENTATIONS:
             raise ValueError(f"deform_impl {deform_impl!r}: choose one of {DEFORM_IMPLEMENTATIONS}")
@@ -163,7 +167,8 @@ class DyReLU(nn.Module):
 class DyConv(nn.Module):
     """Scale-aware, spatial-aware and task-aware attention over all pyramid levels at once."""
 
-    def __init__(self, channels: int, deformable: bool = True, groups: int = 16, deform_impl: str = "torchvision"):
+    def __init__(self, channels: int, deformable: bool = True, groups: int = 16,
+                 deform_impl: str = DEFAULT_DEFORM_IMPL):
         super().__init__()
         # DyConv[0]: from the coarser level (upsampled), [1]: same level, [2]: from the finer level (stride 2).
         self.DyConv = nn.ModuleList([Conv3x3Norm(channels, stride, deformable, groups, deform_impl)
@@ -206,7 +211,7 @@ class DyHeadLayer(nn.Module):
     """One tower layer: optional fusion + BERT layer on the text stream, then DyConv on the image stream."""
 
     def __init__(self, *, channels: int, deformable: bool, groups: int, fusion: FusionBlock | None = None,
-                 text_layer: BertLayer | None = None, deform_impl: str = "torchvision",
+                 text_layer: BertLayer | None = None, deform_impl: str = DEFAULT_DEFORM_IMPL,
                  text_layer_scale: float | None = None):
         super().__init__()
         self.fusion = fusion
@@ -239,7 +244,7 @@ class DyHeadTower(nn.Module):
     def build(cls, *, num_layers: int, channels: int, text_dim: int, deformable: bool, groups: int,
               fusion: bool, fusion_embed_dim: int, fusion_heads: int, fusion_dropout: float,
               text_layers: bool, text_heads: int, text_intermediate: int,
-              deform_impl: str = "torchvision", text_layer_scale: float | None = None) -> "DyHeadTower":
+              deform_impl: str = DEFAULT_DEFORM_IMPL, text_layer_scale: float | None = None) -> "DyHeadTower":
         layers = []
         for _ in range(num_layers):
             block = FusionBlock(visual_dim=channels, text_dim=text_dim, embed_dim=fusion_embed_dim,

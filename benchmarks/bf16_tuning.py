@@ -25,9 +25,9 @@ def run(strategy: str, seed: int, dtype: str, args) -> dict:
     report = tune(TuneConfig(strategy=strategy, task=args.task, base=args.base, shots=args.shots, seed=seed,
                              steps=args.steps, dtype=dtype, zero_shot=False, progress=False,
                              eval_limit=args.eval_limit))
-    return {"strategy": strategy, "seed": seed, "dtype": dtype, "AP": round(report["tuned"]["AP"], 2),
-            "AP50": round(report["tuned"]["AP50"], 2), "train_s": report["timings"]["train_s"],
-            "step_s": report["timings"]["step_s"], "steps": report["timings"]["steps"]}
+    return {"strategy": strategy, "seed": seed, "dtype": dtype, "AP": round(report.tuned.AP, 2),
+            "AP50": round(report.tuned.AP50, 2), "train_s": report.timings.train_s,
+            "step_s": report.timings.step_s, "steps": report.timings.steps}
 
 
 def summary(rows: list[dict], strategy: str) -> str:

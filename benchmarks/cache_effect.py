@@ -38,10 +38,10 @@ def main() -> None:
             report = tune(TuneConfig(strategy=strategy, task=args.task, base=args.base, shots=args.shots, seed=0,
                                      steps=args.steps, cache_features=cached, validate=False, zero_shot=False,
                                      eval_limit=args.eval_limit, progress=False))
-            timings = report["timings"]
-            row = {"strategy": strategy, "cache": cached, "train_s": timings["train_s"], "step_s": timings["step_s"],
-                   "AP": round(report["tuned"]["AP"], 3), "AP50": round(report["tuned"]["AP50"], 3),
-                   "train_images": report["train_images"], "feature_cache": timings["feature_cache"]}
+            timings = report.timings
+            row = {"strategy": strategy, "cache": cached, "train_s": timings.train_s, "step_s": timings.step_s,
+                   "AP": round(report.tuned.AP, 3), "AP50": round(report.tuned.AP50, 3),
+                   "train_images": report.train_images, "feature_cache": timings.feature_cache}
             rows.append(row)
             print(f"{args.base} {strategy:<13} cache {'on ' if cached else 'off'}: train {row['train_s']:7.1f} s "
                   f"({row['step_s']:.3f} s/step, {args.steps} steps, {row['train_images']} images)  "

@@ -70,7 +70,7 @@ def run(variant: str, steps: int, threads: int, keep: bool, eval_every: int | No
                   for r in log if r.get("event") == "eval"}
     row = {"variant": variant, "what": what, "steps": steps, "threads": threads, "dtype": config.dtype,
            "grad_clip": config.grad_clip, "wall_s": round(time.perf_counter() - started, 1),
-           **summary["last_metrics"], "trajectory": trajectory}
+           **summary.last_metrics, "trajectory": trajectory}
     from glip_io import atomic_write
 
     atomic_write(RESULTS / f"{variant}-{steps}.json", json.dumps(row, indent=1).encode())

@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from adapt.evaluation import HEADLINE_METRICS, evaluate
+    from adapt.evaluation import evaluate
     from backbone.detector import GLIPDetector
     from glip_io import atomic_write
     from tasks import get_task
@@ -69,13 +69,13 @@ def main() -> None:
         for protocol in args.protocols:
             started = time.perf_counter()
             metrics = evaluate(detector, heldin, protocol)
-            row[f"heldin/{protocol}"] = {key: round(metrics[key], 2) for key in HEADLINE_METRICS if key in metrics}
+            row[f"heldin/{protocol}"] = {key: round(value, 2) for key, value in metrics.headline().items()}
             row[f"heldin/{protocol}"]["seconds"] = round(time.perf_counter() - started, 1)
             print(f"{name} icons-heldin {protocol}: " + describe(metrics), flush=True)
         for task in [] if args.no_zero_shot else DOWNSTREAM:
             split = get_task(task, data_root=args.data_root).split("test")
             metrics = evaluate(detector, split, "task")
-            row[f"zero-shot/{task}"] = {key: round(metrics[key], 2) for key in HEADLINE_METRICS if key in metrics}
+            row[f"zero-shot/{task}"] = {key: round(value, 2) for key, value in metrics.headline().items()}
             print(f"{name} zero-shot {task}: " + describe(metrics), flush=True)
         if not args.no_zero_shot:
             zero_shot = [row[f"zero-shot/{task}"]["AP"] for task in DOWNSTREAM]
@@ -88,11 +88,11 @@ def main() -> None:
     print(json.dumps(results, indent=1))
 
 
-def describe(metrics: dict) -> str:
-    text = f"AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f} hit {metrics['hit_rate']:.1f} % " \
-           f"named right {metrics['naming_rate']:.1f} %"
-    if "name_blind_floor_AP50" in metrics:
-        text += f" (name-blind floor AP50 {metrics['name_blind_floor_AP50']:.1f})"
+def describe(metrics) -> str:
+    text = f"AP {metrics.AP:.1f} AP50 {metrics.AP50:.1f} hit {metrics.hit_rate:.1f} % " \
+           f"named right {metrics.naming_rate:.1f} %"
+    if metrics.name_blind_floor_AP50 is not None:
+        text += f" (name-blind floor AP50 {metrics.name_blind_floor_AP50:.1f})"
     return text
 
 

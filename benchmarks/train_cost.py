@@ -104,7 +104,7 @@ def worker(base: str, strategy: str, cached: bool, batch_size: int, steps: int, 
     dataset = AdaptDataset(split, split.image_ids[:batch_size])
     batch = GroundingCollator(processor, task_prompt=prompt)([dataset[i] for i in range(batch_size)])
     step_s = _timed(_step_fn(model, batch, grounding_loss_fn(grounding_loss(glip.config)), device, dtype), steps)
-    adapter = adapter_from_tuned_model(model, task, prompt, config, "benchmark", {})
+    adapter = adapter_from_tuned_model(model, task, prompt, config, "benchmark")
     with tempfile.TemporaryDirectory() as tmp:
         path = save_adapter(adapter, Path(tmp) / "a.safetensors")
         adapter_bytes = path.stat().st_size

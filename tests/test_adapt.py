@@ -97,33 +97,33 @@ def test_frozen_parts_stay_in_eval_mode_while_training():
 @pytest.mark.parametrize("strategy", ["prompt-tune", "linear-probe", "lora", "finetune"])
 def test_tune_writes_an_adapter_that_reproduces_the_tuned_model(workspace, strategy):
     report = run(workspace, strategy)
-    path = Path(report["adapter"]["path"])
-    assert report["adapter"]["bytes"] == path.stat().st_size
-    assert {"AP", "AP50", "per_category"} <= set(report["tuned"]) and "zero_shot" in report
+    path = report.adapter_path
+    assert report.adapter_bytes == path.stat().st_size
+    assert report.tuned.per_category and report.zero_shot is not None
     meta = read_metadata(path)
     assert meta["strategy"] == strategy and meta["task"] == TASK
-    assert json.loads(meta["evaluation"])["tuned"]["AP"] == pytest.approx(report["tuned"]["AP"])
+    assert json.loads(meta["evaluation"])["tuned"]["AP"] == pytest.approx(report.tuned.AP)
     detector = AdapterDetector.load(path)
     from adapt.evaluation import evaluate
     from tasks import get_task
 
     test = get_task(TASK, data_root=workspace / "data").split("test")
     again = evaluate(None, test, detect_fn=detector.detect_fn())
-    assert again["AP"] == pytest.approx(report["tuned"]["AP"], abs=1e-6)
+    assert again.AP == pytest.approx(report.tuned.AP, abs=1e-6)
     if strategy == "prompt-tune":
         assert path.stat().st_size < 20_000  # P0 + mask + map of a 7-category prompt on a 16-wide text encoder
-        assert report["trainable_tensors"] == 1
+        assert report.trainable_tensors == 1
 
 
 def test_feature_cache_gives_the_same_training_result(workspace):
     with_cache = run(workspace, "prompt-tune", out=workspace / "cached.safetensors", zero_shot=False)
     without = run(workspace, "prompt-tune", out=workspace / "uncached.safetensors", zero_shot=False,
                   cache_features=False)
-    assert with_cache["timings"]["feature_cache"]["hits"] > 0 and without["timings"]["feature_cache"] is None
+    assert with_cache.timings.feature_cache["hits"] > 0 and without.timings.feature_cache is None
     a = load_adapter(workspace / "cached.safetensors").prompt.hidden
     b = load_adapter(workspace / "uncached.safetensors").prompt.hidden
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert with_cache["tuned"]["AP"] == pytest.approx(without["tuned"]["AP"], abs=1e-4)
+    assert with_cache.tuned.AP == pytest.approx(without.tuned.AP, abs=1e-4)
 
 
 def test_scale_and_flip_views_are_cached_once_each_with_matching_boxes(workspace):
@@ -168,7 +168,7 @@ def test_half_width_prompt_halves_the_file_and_keeps_the_detections(workspace, t
     from adapt.adapter import save_adapter
 
     path = workspace / "prompt-tune.safetensors"
-    full = load_adapter(path if path.exists() else run(workspace, "prompt-tune", zero_shot=False)["adapter"]["path"])
+    full = load_adapter(path if path.exists() else run(workspace, "prompt-tune", zero_shot=False).adapter_path)
     # widen the prompt so P0 dominates the file, as it does on GLIP-T (768 wide)
     wide = torch.randn(1, full.prompt.length, 2048)
     full.prompt = type(full.prompt)(wide, wide.clone(), full.prompt.mask)
@@ -198,7 +198,7 @@ def test_half_width_prompt_adapter_detects_like_the_full_one(workspace, tmp_path
     from tasks import get_task
 
     again = evaluate(None, get_task(TASK, data_root=workspace / "data").split("test"), detect_fn=detector.detect_fn())
-    assert again["AP"] == pytest.approx(report["tuned"]["AP"], abs=1.0)  # fp16 rounding of P0 only
+    assert again.AP == pytest.approx(report.tuned.AP, abs=1.0)  # fp16 rounding of P0 only
 
 
 def test_adapter_for_another_base_or_strategy_is_refused(workspace):
@@ -298,7 +298,7 @@ def test_a_cut_tune_run_resumes_from_its_run_dir_to_the_uncut_adapter(workspace,
         run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", **options)
     report = run(workspace, "prompt-tune", out=tmp_path / "cut.safetensors", run_dir=tmp_path / "cut", resume=True,
                  **options)
-    assert report["resumed_from_step"] == 4 and report["timings"]["steps"] == 8
+    assert report.resumed_from_step == 4 and report.timings.steps == 8
     resumed, uncut = load_adapter(tmp_path / "cut.safetensors"), load_adapter(tmp_path / "uncut.safetensors")
     torch.testing.assert_close(resumed.prompt.hidden, uncut.prompt.hidden, rtol=0, atol=0)
     with pytest.raises(ValueError, match="resume needs the run folder"):

@@ -13,7 +13,7 @@ def test_pretraining_runs_evaluates_and_writes_loadable_weights(tmp_path):
     summary = pretrain(PretrainConfig(preset="tiny", steps=3, batch_size=2, warmup_steps=1, eval_every=3,
                                       eval_images=4, checkpoint_every=2, out_dir=tmp_path / "run",
                                       weights_out=weights, data_root=tmp_path / "data", resume=False))
-    assert summary["steps"] == 3 and set(summary["last_metrics"]) == {
+    assert summary.steps == 3 and set(summary.last_metrics) == {
         "AP", "AP50", "hit_rate", "naming_rate", "name_blind_floor_AP50"}
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "eval" for r in log)
@@ -26,5 +26,5 @@ def test_pretraining_with_bf16_autocast_on_cpu(tmp_path):
     summary = pretrain(PretrainConfig(preset="tiny", steps=2, batch_size=2, warmup_steps=0, eval_every=2,
                                       eval_images=2, checkpoint_every=2, out_dir=tmp_path / "run", device="cpu",
                                       dtype="bfloat16", data_root=tmp_path / "data", resume=False))
-    assert summary["steps"] == 2 and summary["dtype"] == "bfloat16" and summary["device"] == "cpu"
-    assert summary["skipped_nonfinite"] == 0
+    assert summary.steps == 2 and summary.dtype == "bfloat16" and summary.device == "cpu"
+    assert summary.skipped_nonfinite == 0

@@ -225,7 +225,7 @@ def test_tune_adapter_predict_on_cuda(tmp_path):
     report = tune(TuneConfig(strategy="prompt-tune", task="icons-aquarium", base=str(tmp_path / "tiny.safetensors"),
                              shots=1, steps=4, eval_every=4, data_root=tmp_path / "data", progress=False,
                              out=tmp_path / "a.safetensors", device="cuda", dtype="bfloat16"))
-    assert report["device"].startswith("cuda")
+    assert report.device.startswith("cuda")
     detector = AdapterDetector.load(tmp_path / "a.safetensors")
     detector.model.to("cuda")
     [dets] = detector.detect(next((tmp_path / "data").rglob("*.png")))
