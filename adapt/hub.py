@@ -52,12 +52,15 @@ class HubRef:
 
 
 def is_hub_ref(ref) -> bool:
-    return str(ref).startswith(SCHEME) or _collapsed(ref)
+    return _as_text(ref).startswith(SCHEME)
 
 
-def _collapsed(ref) -> bool:
-    # pathlib folds "hf://a/b" into "hf:/a/b": a Path built from a reference is still one.
-    return isinstance(ref, PurePath) and str(ref).startswith("hf:/") and not Path(ref).exists()
+def _as_text(ref) -> str:
+    """The reference as written; pathlib folds "hf://a/b" into "hf:/a/b", so a Path built from one is still one."""
+    text = str(ref)
+    if isinstance(ref, PurePath) and text.startswith("hf:/") and not text.startswith(SCHEME) and not Path(ref).exists():
+        return SCHEME + text[len("hf:/"):]
+    return text
 
 
 def parse_ref(ref: str | PurePath) -> HubRef:
@@ -65,7 +68,7 @@ def parse_ref(ref: str | PurePath) -> HubRef:
     from huggingface_hub import parse_hf_uri
     from huggingface_hub.errors import HfUriError
 
-    text = SCHEME + str(ref)[len("hf:/"):] if _collapsed(ref) else str(ref)
+    text = _as_text(ref)
     try:
         uri = parse_hf_uri(text)
     except HfUriError as error:
@@ -85,14 +88,14 @@ def open_adapter(ref: str | PurePath) -> Path:
     in) huggingface_hub's cache and checked to be an adapter file. Errors name the reference as given."""
     if not is_hub_ref(ref):
         return Path(ref)
-    label = str(ref) if not _collapsed(ref) else SCHEME + str(ref)[len("hf:/"):]
-    path = _download(parse_ref(ref), label)
+    label = _as_text(ref)
+    path = _download(parse_ref(label), label)
     read_metadata(path, source=label)  # a file that is no adapter is refused here, named by its reference
     return path
 
 
 def _download(ref: HubRef, label: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, is_offline_mode
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -100,7 +103,7 @@ def _download(ref: HubRef, label: str) -> Path:
         return Path(hf_hub_download(ref.repo_id, ref.filename, subfolder=ref.subfolder or None,
                                     revision=ref.revision, library_name=LIBRARY, library_version=__version__))
     except LocalEntryNotFoundError:  # before EntryNotFoundError, its parent: nothing cached and no Hub reached
-        if _offline():
+        if is_offline_mode():
             raise HubError(f"{label} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids fetching "
                            f"it; run `adapt adapters pull {label}` once online, or unset HF_HUB_OFFLINE") from None
         raise HubError(f"cannot reach the Hub to fetch {label}, and it is not in the local cache; check the "
@@ -118,12 +121,6 @@ def _download(ref: HubRef, label: str) -> Path:
         status = error.response.status_code if error.response is not None else "?"
         raise HubError(f"the Hub refused {label} (HTTP {status}); check the reference and your token "
                        "(`hf auth login` or HF_TOKEN)") from None
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
 
 
 @dataclass
@@ -165,7 +162,7 @@ def _check_repo_id(repo_id: str) -> None:
 
 def write_repo(adapter: str | PurePath, folder: str | Path, repo_id: str) -> list[Path]:
     """Write adapter_model.safetensors (unchanged), adapter_config.json and README.md into `folder`."""
-    label = str(adapter)
+    label = _as_text(adapter)
     path = open_adapter(adapter)
     loaded = load_adapter(path, source=label)  # every check a reader would make, before anything is written
     data = path.read_bytes()
@@ -314,7 +311,7 @@ def pull(ref: str | PurePath, to: str | Path | None = None, name: str | None = N
          overwrite: bool = False) -> Path:
     """Fetch an adapter into the cache and, with `to`, copy it into that folder as `<name or task>.safetensors`
     (the layout `adapt serve` reads). Refuses to replace a different file unless `overwrite`."""
-    label = str(ref)
+    label = _as_text(ref)
     path = open_adapter(ref)
     adapter = load_adapter(path, source=label)
     if to is None:
