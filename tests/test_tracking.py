@@ -145,6 +145,22 @@ def test_a_training_command_reports_curves_final_metrics_adapter_size_and_config
     assert hparams["strategy"] == "prompt-tune" and hparams["train.lr"] == pytest.approx(0.05)
 
 
+@pytest.mark.slow
+def test_pretraining_reports_its_curves_naming_metrics_and_config(tmp_path):
+    from adapt.pretrain import pretrain
+
+    run_dir = tmp_path / "run"
+    summary = pretrain(PretrainConfig(preset="tiny", steps=2, batch_size=2, warmup_steps=0, eval_every=2,
+                                      eval_images=2, checkpoint_every=2, out_dir=run_dir, data_root=tmp_path / "data",
+                                      resume=False, report_to="tensorboard"))
+    scalars, hparams = tensorboard_run(run_dir / "tensorboard")
+    assert scalars["train/loss"] == pytest.approx(column(jsonl(run_dir, "train"), "loss"), rel=1e-6)
+    for key, value in summary.last_metrics.items():
+        assert scalars[f"eval/{key}"] == pytest.approx({2: value}, rel=1e-6)
+        assert scalars[f"final/{key}"] == pytest.approx({2: value}, rel=1e-6)
+    assert hparams["preset"] == "tiny" and hparams["steps"] == 2 and hparams["train.best_metric"] == "AP50"
+
+
 def wandb_records(run_dir: Path) -> list:
     """The records of an offline run's transaction log. wandb ships no reader for it, so this follows its
     LevelDB-style framing: a 7-byte file header, 32 KiB blocks, 7-byte chunk headers (crc, length, type)."""
