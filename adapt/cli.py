@@ -171,8 +171,8 @@ def _print_tune(result) -> None:
 @app.command("eval")
 def evaluate_command(
     task: Annotated[str, typer.Option(help="task name, task file or dataset folder")],
-    adapter: Annotated[Optional[str], typer.Option(help="adapter file or hf://OWNER/NAME[@REV][/SUBFOLDER] "
-                                                      "(default: zero-shot base)")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="adapter file or hf://OWNER/NAME (@REV, /FOLDER "
+                                                      "optional); default: zero-shot base")] = None,
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's, else glip-nano)")] = None,
     split: Annotated[Optional[str], typer.Option(help="split (default: the task's evaluation split)")] = None,
     protocol: Annotated[str, typer.Option(help="'task', 'all-chunked' (chunks fill 256 tokens), 'all-chunked-N' "
@@ -218,7 +218,8 @@ def evaluate_command(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    adapter: Annotated[Optional[str], typer.Option(help="adapter file or hf://OWNER/NAME[@REV][/SUBFOLDER]")] = None,
+    adapter: Annotated[Optional[str], typer.Option(
+        help="adapter file or hf://OWNER/NAME (@REV, /FOLDER optional)")] = None,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="a task exported by `adapt export` (run by "
                                                  "onnxruntime instead of PyTorch; no --adapter needed)")] = None,
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
@@ -296,7 +297,7 @@ app.add_typer(adapters_app, name="adapters")
 
 @adapters_app.command("inspect")
 def adapters_inspect(
-    path: Annotated[str, typer.Argument(help="adapter file or hf://OWNER/NAME[@REV][/SUBFOLDER]")],
+    path: Annotated[str, typer.Argument(help="adapter file or hf://OWNER/NAME (@REV, /FOLDER optional)")],
 ) -> None:
     """Print everything an adapter holds: strategy, task, prompt, base fingerprint, settings, results, tensors."""
     from adapt.adapter import describe
@@ -320,7 +321,7 @@ def adapters_merge(
 
 @adapters_app.command("pull")
 def adapters_pull(
-    ref: Annotated[str, typer.Argument(help="hf://OWNER/NAME[@REV][/SUBFOLDER]")],
+    ref: Annotated[str, typer.Argument(help="hf://OWNER/NAME (@REV, /FOLDER optional)")],
     to: Annotated[Optional[Path], typer.Option(help="copy it into this folder as <task>.safetensors (a server's "
                                                    "--adapters folder); default: only fetch it into the HF cache")]
     = None,
@@ -328,7 +329,7 @@ def adapters_pull(
                                                      "adapter's task)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a different adapter of that name in --to")] = False,
 ) -> None:
-    """Fetch an adapter from the Hugging Face Hub into the local cache (usable offline after), optionally into a folder."""
+    """Fetch an adapter from the Hub into the local cache (then usable offline); --to also copies it into a folder."""
     from adapt.hub import pull
 
     path = pull(ref, to, name=name, overwrite=overwrite)
@@ -411,6 +412,26 @@ def _build_serve():
     return build_command("serve", bind_options(_serve, EngineConfig))
 
 
+def _sweep(values: dict) -> None:
+    """Compare strategies on tasks: a grid of runs, each scored on its task and on the base's own vocabulary."""
+    from adapt.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(**values, data_root=resolve_data_root())
+    rows = run_sweep(config, log=typer.echo)
+    failed = [r for r in rows if r["status"] != "ok"]
+    typer.echo(f"{len(rows)} runs, {len(failed)} failed; results in {config.out / 'results.csv'}, "
+               f"table in {config.out / 'table.md'}")
+    if failed:
+        raise CommandError(f"{len(failed)} run(s) failed (errors in results.csv); run the same command again to "
+                           "retry them", code=1)
+
+
+def _build_sweep():
+    from adapt.sweep import SweepConfig
+
+    return build_command("sweep", bind_options(_sweep, SweepConfig))
+
+
 def _lazy_commands() -> dict:
     """The commands built on first use: {name: (summary, build)}; one per registered strategy."""
     from functools import partial
@@ -419,6 +440,8 @@ def _lazy_commands() -> dict:
     commands["pretrain"] = ("Pretrain glip-nano(-a) on the icon world with GLIP's grounding objective.",
                             _build_pretrain)
     commands["serve"] = ("Serve every adapter in --adapters over HTTP on one shared base.", _build_serve)
+    commands["sweep"] = ("Compare strategies: tasks x bases x strategies x shots x seeds, with retention.",
+                         _build_sweep)
     return commands
 
 

@@ -25,7 +25,7 @@ from adapt.adapter import save_adapter
 from adapt.serve.testing import image_bytes, make_adapter, tiny_base
 from backbone.checkpoints import save_model
 from backbone.processor import GLIPProcessor
-from tests.test_tasks_coco import write_coco
+from tests._coco_helpers import write_coco
 
 REPO = "me/fish-task"
 CATEGORIES = ["fish", "shark"]
@@ -210,6 +210,13 @@ def test_references_follow_the_hub_uri_grammar():
     for bad, needle in (("hf://datasets/me/x", "model repositories"), ("hf://me", "OWNER/NAME")):
         with pytest.raises(HubError, match=needle):
             parse_ref(bad)
+
+
+@pytest.mark.parametrize("command", [["push"], ["adapters", "pull"], ["adapters", "inspect"], ["predict"], ["eval"],
+                                     ["export"]])
+def test_every_command_that_takes_an_adapter_says_it_takes_a_hub_reference(command, monkeypatch, capsys):
+    out, _ = run_cli(monkeypatch, capsys, *command, "--help")
+    assert "hf://OWNER/NAME" in out
 
 
 def test_local_dir_writes_the_adapter_its_config_and_a_card(files, tmp_path, monkeypatch, capsys):
