@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from adapt.adapter import fold_lora
@@ -31,6 +32,9 @@ class LoRAFactors:
 
 
 def folded_weights(weights: dict[str, Tensor], factors: LoRAFactors) -> dict[str, Tensor]:
-    """{"<module>.weight": W + scale·B·A} for every target of `factors`; `weights` are the base's parameters."""
-    return {f"{module}.weight": fold_lora(weights[f"{module}.weight"], down, factors.up[module], factors.scale)
-            for module, down in factors.down.items()}
+    """{"<module>.weight": W + scale·B·A} for every target of `factors`; `weights` are the base's parameters.
+    Built at the weights' precision even inside an autocast region (the forward then casts them as it casts W)."""
+    device_type = next(iter(factors.down.values())).device.type
+    with torch.autocast(device_type, enabled=False):
+        return {f"{module}.weight": fold_lora(weights[f"{module}.weight"], down, factors.up[module], factors.scale)
+                for module, down in factors.down.items()}
