@@ -1,10 +1,12 @@
 """The adapter pool: one frozen base, many adapter files, loaded lazily into an LRU bounded by bytes.
 
 The directory is the registry: `<dir>/<name>.safetensors` is task `name` (the format of `adapt.adapter`).
-Registering costs a directory entry; an adapter is read, verified against the base (format version,
-fingerprint and every check of `adapt.adapter.load_adapter`) and attached on first use (LoRA factors kept
-at rank r, never folded into dense weights), and kept while it fits `max_bytes`; a refused file is
-remembered until it changes. An adapter version that fails at run time twice is quarantined until a new
+Registering costs a directory entry; an adapter is checked against the size cap by its stat, then read,
+verified against the base (format version, fingerprint, magnitudes and every check of
+`adapt.adapter.load_adapter`) and against the server's bounds on one adapter's cost (LoRA rank, prompt
+length), and attached on first use (LoRA factors kept at rank r; their dense update exists only while a
+group runs), and kept while it fits `max_bytes`; a refused file is remembered, as its message only, until
+it changes. An adapter version that fails at run time twice is quarantined until a new
 version replaces it. A file changed on disk (an upload, possibly by another server
 process) is noticed by its stat and reloaded on the next request; an evicted one reloads transparently.
 Uploads are verified in a temporary file beside the target and moved over it atomically, so a bad
