@@ -308,14 +308,15 @@ def adapters_inspect(
 
 @adapters_app.command("merge")
 def adapters_merge(
-    path: Annotated[Path, typer.Argument(help="adapter file")],
+    path: Annotated[str, typer.Argument(help="adapter file or hf://OWNER/NAME (@REV, /FOLDER optional)")],
     out: Annotated[Path, typer.Option(help="standalone model file (.safetensors)")],
     base: Annotated[Optional[str], typer.Option(help="base checkpoint (default: the adapter's)")] = None,
 ) -> None:
     """Write a standalone model with the adapter folded in (for deploying one task)."""
     from adapt.adapter import merge_adapter
+    from adapt.hub import open_adapter
 
-    merge_adapter(path, out, base)
+    merge_adapter(open_adapter(path), out, base)
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 

@@ -212,8 +212,8 @@ def test_references_follow_the_hub_uri_grammar():
             parse_ref(bad)
 
 
-@pytest.mark.parametrize("command", [["push"], ["adapters", "pull"], ["adapters", "inspect"], ["predict"], ["eval"],
-                                     ["export"]])
+@pytest.mark.parametrize("command", [["push"], ["adapters", "pull"], ["adapters", "inspect"], ["adapters", "merge"],
+                                     ["predict"], ["eval"], ["export"]])
 def test_every_command_that_takes_an_adapter_says_it_takes_a_hub_reference(command, monkeypatch, capsys):
     out, _ = run_cli(monkeypatch, capsys, *command, "--help")
     assert "hf://OWNER/NAME" in out
@@ -324,7 +324,8 @@ def test_errors_are_one_line(files, hub, tmp_path, monkeypatch, capsys):
     assert "exists and holds another adapter" in line
 
 
-def test_eval_and_export_open_hub_references(files, hub, monkeypatch, capsys, tmp_path):
+def test_eval_export_and_merge_open_hub_references(files, hub, monkeypatch, capsys, tmp_path):
+    from adapt.adapter import read_merged
     from adapt.export import load_task
 
     hub.add_repo(REPO, {"adapter_model.safetensors": (files / "fish-task.safetensors").read_bytes()})
@@ -338,6 +339,8 @@ def test_eval_and_export_open_hub_references(files, hub, monkeypatch, capsys, tm
     assert reports[0] == reports[1]
     model, adapter = load_task(f"hf://{REPO}")
     assert adapter.category_names == CATEGORIES
+    run_cli(monkeypatch, capsys, "adapters", "merge", f"hf://{REPO}", "--out", tmp_path / "merged.safetensors")
+    assert read_merged(tmp_path / "merged.safetensors").category_names == CATEGORIES
 
 
 @pytest.mark.slow
