@@ -38,6 +38,7 @@ NOT_OPTIONS: dict[str, tuple[str, ...]] = {
                     "batch_size", "eval_every", "checkpoint_every", "best_metric", "best_mode", "seed", "device",
                     "dtype", "amp", "distributed", "progress", "max_bad_steps"),
     "EngineConfig": ("keep_text",),
+    "SweepConfig": ("data_root",),
 }
 
 CONFIG_HELP = ("YAML file of option values (as written to a run's config.yaml), or an adapter file whose training "
@@ -180,7 +181,8 @@ def _option_parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
     if typing.get_origin(kind) is tuple:  # comma-separated on the command line, a list in a file
         annotation = str
         extra = {"parser": functools.partial(coerce, hint, label=option_name(f.name)),
-                 "show_default": ",".join(str(v) for v in default) if default else False}
+                 "show_default": ",".join(str(v) for v in default) if default and default is not dataclasses.MISSING
+                 else False}
     elif optional:  # "none" sets None (e.g. turns clipping off, or drops a run folder a config file names)
         extra = {"parser": functools.partial(coerce, hint, label=option_name(f.name))}
     decls = [option_name(f.name)]

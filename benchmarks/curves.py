@@ -19,9 +19,9 @@ from adapt.sweep import SweepConfig, run_sweep
 # two 1-thread trials at a time. Batch 4; the lr per strategy is the strategy's declared default.
 ICON_TASKS = ("icons-aquarium", "icons-vehicles", "icons-thermal", "icons-aerial", "icons-described")
 PRESETS = {
-    "quick": dict(bases=("glip-nano", "glip-nano-a"), tasks=("icons-aquarium", "icons-described"),
+    "quick": dict(base=("glip-nano", "glip-nano-a"), task=("icons-aquarium", "icons-described"),
                   shots=("0", "1", "10"), seeds=(0,), steps="1:60,10:120", eval_limit=100, validate=True),
-    "full": dict(bases=("glip-nano", "glip-nano-a"), tasks=ICON_TASKS, shots=("0", "1", "3", "5", "10", "full"),
+    "full": dict(base=("glip-nano", "glip-nano-a"), task=ICON_TASKS, shots=("0", "1", "3", "5", "10", "full"),
                  seeds=(0, 1, 2), steps="1:20,3:30,5:40,10:50,full:60", eval_limit=50, validate=False),
 }
 

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=6, help="tuned cells (seeds of 1-shot prompt tuning)")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep-overhead"))
     args = parser.parse_args()
-    grid = dict(tasks=("icons-aquarium",), bases=("glip-nano",), strategies=("prompt-tune",), shots=("1",),
+    grid = dict(task=("icons-aquarium",), base=("glip-nano",), strategies=("prompt-tune",), shots=("1",),
                 seeds=tuple(range(args.cells)), steps="20", eval_limit=20, retention_limit=10)
     # Warm the icon data and the base's retention once, so no run pays for generating them.
     run_sweep(SweepConfig(**{**grid, "seeds": (0,)}, out=args.out / "warm", trial_resources="cpu=2"),

@@ -29,7 +29,7 @@ def data_root(tmp_path_factory):
 
 
 def small(data_root, out, **changes):
-    options = dict(tasks=(TASK,), bases=("glip-nano",), strategies=("prompt-tune", "linear-probe"), shots=("0", "1"),
+    options = dict(task=(TASK,), base=("glip-nano",), strategies=("prompt-tune", "linear-probe"), shots=("0", "1"),
                    seeds=(0,), steps="2", eval_limit=4, retention_limit=3, out=out, data_root=data_root)
     options.update(changes)
     return SweepConfig(**options)
@@ -50,9 +50,9 @@ def test_grid_and_bad_input_are_refused_before_any_run(data_root, tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'prompt-tune'"):
         small(data_root, tmp_path, strategies=("prompt-tuning",))
     with pytest.raises(ValueError, match="unknown base"):
-        run_sweep(small(data_root, tmp_path, bases=("glip-nanoo",)), log=lambda *_: None)
+        run_sweep(small(data_root, tmp_path, base=("glip-nanoo",)), log=lambda *_: None)
     with pytest.raises(KeyError):
-        run_sweep(small(data_root, tmp_path, tasks=("icons-aquarim",)), log=lambda *_: None)
+        run_sweep(small(data_root, tmp_path, task=("icons-aquarim",)), log=lambda *_: None)
     assert not (tmp_path / "cells").exists()  # nothing ran
 
 
@@ -105,7 +105,7 @@ def test_failing_cell_is_recorded_and_retried_by_the_next_call(data_root, tmp_pa
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_cells(data_root, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "adapt.cli", "sweep", "--tasks", TASK, "--strategies", "prompt-tune,linear-probe",
+    command = [sys.executable, "-m", "adapt.cli", "sweep", "--task", TASK, "--strategies", "prompt-tune,linear-probe",
                "--shots", "0,1", "--steps", "2", "--eval-limit", "4", "--retention-limit", "3", "--out", str(out)]
     env = {**os.environ, "ADAPT_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -19,8 +19,8 @@ ICON_RETENTION_TASK, ICON_RETENTION_PROTOCOL = "icons-heldin", "per-image-16"
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    tasks: tuple[str, ...] = field(metadata={"help": "tasks: registry names, task files or dataset folders"})
-    bases: tuple[str, ...] = field(default=("glip-nano",), metadata={"help": "base checkpoints (names or paths)"})
+    task: tuple[str, ...] = field(metadata={"help": "one or more tasks, comma-separated: registry names, task files or dataset folders"})
+    base: tuple[str, ...] = field(default=("glip-nano",), metadata={"help": "one or more base checkpoints, comma-separated (names or paths)"})
     strategies: tuple[str, ...] = field(default=STRATEGY_NAMES, metadata={"help": "strategies to compare"})
     shots: tuple[str, ...] = field(default=("0", "1", "10"), metadata={
         "help": "images per category: 0 (zero-shot), N, or full (all training data)"})
@@ -46,11 +46,11 @@ class SweepConfig:
         "help": "per trial, e.g. cpu=1 or cpu=2,gpu=0.5 (CPU threads; a GPU fraction where GPUs exist)"})
     address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: start a local one)"})
     retries: int = field(default=1, metadata={"help": "extra attempts for a failing cell"})
-    data_root: Path | None = field(default=None, metadata={"help": "data root", "cli": False})
+    data_root: Path | None = field(default=None, metadata={"help": "data root (default: the tasks' own)"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
-        for name in ("tasks", "bases", "strategies", "shots", "seeds"):
+        for name in ("task", "base", "strategies", "shots", "seeds"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
             if not getattr(self, name):
@@ -161,8 +161,8 @@ def plan(config: SweepConfig) -> list[Cell]:
     """Every cell: per task and base one zero-shot cell (the reference of AP and retention), then each
     strategy x tuned shots x seed."""
     cells = []
-    for base in config.bases:
-        for task in config.tasks:
+    for base in config.base:
+        for task in config.task:
             cells.append(Cell(task, base, ZERO_SHOT, 0, 0))
             for shots in (parse_shots(s) for s in config.shots):
                 if shots == 0:
@@ -177,16 +177,16 @@ def check_inputs(config: SweepConfig) -> None:
     from backbone.checkpoints import list_checkpoints
     from tasks import get_task
 
-    for task in config.tasks:
+    for task in config.task:
         get_task(task, data_root=config.data_root)  # raises with close matches
     known = list(list_checkpoints())
-    for base in config.bases:
+    for base in config.base:
         if base not in known and not Path(base).exists():
             close = difflib.get_close_matches(base, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown base {base!r}: neither a checkpoint name ({', '.join(known)}) nor a file."
                              f"{hint}")
-    for base in config.bases:
+    for base in config.base:
         if retention_source(config, base) is None:
             raise ValueError(f"base {base!r} has no retention set: pass --retention-task with a COCO-format task "
                              "in its own vocabulary (e.g. a COCO val folder)")

@@ -84,7 +84,7 @@ def _status(config: SweepConfig, cell: Cell) -> str | None:
 
 def _absolute(config: SweepConfig) -> SweepConfig:
     """Paths made absolute: Ray runs each trial in its own working directory."""
-    tasks = tuple(str(Path(t).resolve()) if os.path.exists(t) else t for t in config.tasks)
-    bases = tuple(str(Path(b).resolve()) if os.path.exists(b) else b for b in config.bases)
-    return dataclasses.replace(config, out=config.out.resolve(), tasks=tasks, bases=bases,
+    tasks = tuple(str(Path(t).resolve()) if os.path.exists(t) else t for t in config.task)
+    bases = tuple(str(Path(b).resolve()) if os.path.exists(b) else b for b in config.base)
+    return dataclasses.replace(config, out=config.out.resolve(), task=tasks, base=bases,
                                data_root=config.data_root and Path(config.data_root).resolve())
