@@ -155,7 +155,7 @@ def read_checkpoint(path: Path, *, world_size: int, config_dict: dict[str, Any],
                          f"{world_size}, so the data order cannot continue exactly. Fix: resume with "
                          f"{state['world_size']} process(es).")
     changed = {k: (v, state["config"].get(k)) for k, v in config_dict.items()
-               if k not in ("out_dir", "progress", "log_every") and state["config"].get(k) != v}
+               if k not in ("out_dir", "progress", "log_every", "report_to") and state["config"].get(k) != v}
     if changed:
         warnings.warn(f"resuming '{path}' with a changed config (field: (now, saved)) {changed}; the data "
                       "order, optimizer state and learning rates continue from the checkpoint", stacklevel=4)
