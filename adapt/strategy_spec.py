@@ -18,18 +18,17 @@ import fnmatch
 import importlib
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, get_args
+from typing import Iterator
 
-# How the shared multi-tenant server runs an adapter of the strategy:
-#   prompt     changes no base weight: its requests join the batch's shared pass with their own P0;
-#   weights    replaces a few base tensors: its requests run on the shared base with those tensors swapped in
-#              (torch.func.functional_call), per adapter;
-#   lora       carries low-rank factors: its requests join the shared pass, each group with its own rank-r term;
-#   own-model  replaces the model: the shared server refuses it; merge it and serve it as its own base.
-Serving = Literal["prompt", "weights", "lora", "own-model"]
-# How `adapt export` writes the task: "folded" = the adapter's weights (LoRA merged) folded into the base and
-# its P0 a constant of the graph. None: the strategy does not export, and export says so.
-Export = Literal["folded"]
+# How the shared multi-tenant server runs an adapter of the strategy.
+SERVING_MODES = {
+    "prompt": "shared base, each request with its own P0",
+    "weights": "shared base, the adapter's tensors swapped in for its requests",
+    "lora": "shared base, each adapter's low-rank update applied to its requests",
+    "own-model": "its own model: the shared server refuses it (merge it and serve it as a base)",
+}
+# How `adapt export` writes the task (a strategy with export=None is refused by export, which says so).
+EXPORT_MODES = {"folded": "weights and LoRA folded into the base, P0 a constant of the graph"}
 
 # The official linear-probe tensors: the head's box, centerness and alignment projections and biases.
 LINEAR_PROBE_PARAMETERS = (
@@ -55,8 +54,9 @@ class StrategySpec:
         "help": "fnmatch patterns of the base-model keys its adapter's weights.* tensors replace ('*': any); "
                 "with patterns, an adapter carries at least one such tensor"})
     lora: bool = field(default=False, metadata={"help": "its adapter carries lora.* factors and a lora_config"})
-    serving: Serving = field(default="prompt", metadata={"help": "how the shared server runs it (see Serving)"})
-    export: Export | None = field(default="folded", metadata={"help": "how `adapt export` writes it; None: refused"})
+    serving: str = field(default="prompt", metadata={"help": "how the shared server runs it: a SERVING_MODES key"})
+    export: str | None = field(default="folded", metadata={
+        "help": "how `adapt export` writes it: an EXPORT_MODES key; None: export refuses it"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,10 +68,10 @@ class StrategySpec:
             problems.append(f"model {self.model!r} must be 'module:Class'")
         if not self.lr > 0 or not self.weight_decay >= 0:
             problems.append(f"lr {self.lr} must be > 0 and weight_decay {self.weight_decay} >= 0")
-        if self.serving not in get_args(Serving):
-            problems.append(f"serving {self.serving!r} must be one of {', '.join(get_args(Serving))}")
-        if self.export is not None and self.export not in get_args(Export):
-            problems.append(f"export {self.export!r} must be None or one of {', '.join(get_args(Export))}")
+        if self.serving not in SERVING_MODES:
+            problems.append(f"serving {self.serving!r} must be one of {', '.join(SERVING_MODES)}")
+        if self.export is not None and self.export not in EXPORT_MODES:
+            problems.append(f"export {self.export!r} must be None or one of {', '.join(EXPORT_MODES)}")
         # Each shared serving path runs exactly one kind of tensor on the shared base.
         if self.serving == "prompt" and (self.weights or self.lora):
             problems.append("serving 'prompt' is for adapters that carry no weights and no LoRA factors")
