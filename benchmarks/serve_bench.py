@@ -8,7 +8,12 @@ Sections (all by default; pick with --sections):
   rss   resident memory of a server process with 1, 100 and 1,000 registered prompt adapters, before and
         after each was served once.
   soak  N requests with 5% bad inputs mixed in, and broken adapters uploaded by the admin every 100 requests:
-        crashes (5xx, dead server), healthy-tenant failures, wrong-tenant answers, RSS drift.
+        crashes (5xx, dead server), healthy-tenant failures, wrong-tenant answers, RSS drift after the
+        warm-up; with --soak-profile the server also runs tracemalloc and reports its traced heap, glibc's
+        arena figures and the lines whose allocations grew most since the warm-up.
+  fair  a fair share for every tenant: tenant A's p50/p99 latency alone and while tenant B floods at 10x
+        A's rate with the heaviest adapter the server accepts (LoRA of the largest rank on every default
+        target, the longest prompt), A's failures, B's throughput and refusals, the mean batch time.
   batch in-process: 4 and 8 tenants' requests as one engine batch vs one at a time (ms per image).
   lora  LoRA served unmerged: bytes per resident LoRA tenant (default targets, --lora-rank), how many fit
         the default cache, and one batch of 8 LoRA tenants vs 8 requests of one tenant vs the old way
@@ -156,18 +161,24 @@ def prepare_workdir(args) -> dict:
 # ------------------------------------------------------------------------------------------- the server
 
 
-def start_server(args, plan, *, max_batch: int, window_ms: float, port: int) -> subprocess.Popen:
-    config = {"max_batch": max_batch, "batch_window_ms": window_ms, "max_queue": 1024, "deadline_s": 600.0}
+def start_server(args, plan, *, max_batch: int, window_ms: float, port: int, config: dict | None = None,
+                 profile_file: str | None = None) -> subprocess.Popen:
+    """The HTTP server in a child process; `config` overrides the engine settings (default: a queue and deadline
+    large enough that a closed-loop load is never refused); `profile_file`: run tracemalloc (see child_server)."""
+    config = {"max_batch": max_batch, "batch_window_ms": window_ms, "max_queue": 1024, "deadline_s": 600.0,
+              **(config or {})}
     cmd = [sys.executable, __file__, "--child-server", json.dumps({
         "base": args.base, "adapters": plan["adapters"], "keys": plan["keys"], "port": port,
-        "config": config, "image_size": args.image_size, "threads": args.threads})]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        "config": config, "image_size": args.image_size, "threads": args.threads, "profile_file": profile_file})]
+    log = Path(args.workdir, f"server-{port}.log")  # a file, not a pipe nobody reads while the server runs
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     import httpx
 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-3000:]}")
+            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return proc
@@ -193,8 +204,65 @@ def child_server(spec: dict) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("profile_file"):
+        profile_on_signal(spec["profile_file"])
     run_http(base=spec["base"], adapters_dir=spec["adapters"], engine_config=EngineConfig(**spec["config"]),
              keys=load_keys(spec["keys"]), port=spec["port"], image_size=spec["image_size"], log_level="warning")
+
+
+def profile_on_signal(path: str) -> None:
+    """Trace Python allocations; on each SIGUSR1 write (atomically) the traced heap, glibc's arena figures and
+    the 12 source lines whose live allocations grew most since the first SIGUSR1 (the baseline)."""
+    import ctypes
+    import tracemalloc
+
+    from glip_io import atomic_write
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        mallinfo2 = None
+    tracemalloc.start(1)
+    state = {"baseline": None, "count": 0}
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__),
+              tracemalloc.Filter(False, "<frozen importlib._bootstrap*")]
+
+    def dump(*_):
+        snapshot = tracemalloc.take_snapshot().filter_traces(ignore)
+        baseline = state["baseline"] = state["baseline"] or snapshot
+        current, peak = tracemalloc.get_traced_memory()
+        info = mallinfo2() if mallinfo2 else None
+        growth = [{"where": str(stat.traceback), "kib": stat.size_diff / 1024, "blocks": stat.count_diff}
+                  for stat in snapshot.compare_to(baseline, "lineno")[:12]]
+        state["count"] += 1
+        atomic_write(path, json.dumps({
+            "dump": state["count"], "traced_mb": current / 2**20, "traced_peak_mb": peak / 2**20, "rss_mb": rss_mb(),
+            "heap_in_use_mb": info and info.uordblks / 2**20, "heap_free_mb": info and info.fordblks / 2**20,
+            "heap_arena_mb": info and info.arena / 2**20, "mmapped_mb": info and info.hblkhd / 2**20,
+            "top_growth_since_baseline": growth}).encode())
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
+def read_profile(proc: subprocess.Popen, path: str, timeout_s: float = 120.0) -> dict | None:
+    """Ask the profiled server for a dump and wait for it."""
+    before = json.loads(Path(path).read_text())["dump"] if Path(path).exists() else 0
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data["dump"] > before:
+                return data
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    return None
 
 
 # ----------------------------------------------------------------------------------------- load generator
@@ -565,7 +633,11 @@ def section_soak(args, plan) -> dict:
     from adapt.serve.testing import bomb_bytes
 
     port = free_port()
-    proc = start_server(args, plan, max_batch=args.max_batch, window_ms=args.window_ms, port=port)
+    profile = str(Path(args.workdir, "soak-profile.json")) if args.soak_profile else None
+    if profile and Path(profile).exists():
+        Path(profile).unlink()
+    proc = start_server(args, plan, max_batch=args.max_batch, window_ms=args.window_ms, port=port,
+                        profile_file=profile)
     url = f"http://127.0.0.1:{port}"
     rng = random.Random(7)
     tenants = plan["soak_tenants"]
@@ -587,8 +659,9 @@ def section_soak(args, plan) -> dict:
             job = detect_job(tenant, image)
             job["expect"] = 200
             jobs.append(job)
-    rss, results, crashed = [], [], False
-    chunk = max(50, args.soak_requests // 20)
+    rss, results, crashed, profiles = [], [], False, []
+    chunk = max(50, args.soak_requests // 40)
+    warmup_chunks = max(1, round(0.1 * len(jobs) / chunk))  # the first 10 %: model, allocator and caches settle
     started = time.perf_counter()
     try:
         for offset in range(0, len(jobs), chunk):
@@ -598,8 +671,16 @@ def section_soak(args, plan) -> dict:
                 break
             rss.append(rss_mb(proc.pid))
             healthy_failed = sum(r["status"] != 200 for j, r in zip(jobs, results) if j["expect"] == 200)
-            print(f"  {len(results)} requests, {time.perf_counter() - started:.0f} s, RSS {rss[-1]:.0f} MiB, "
-                  f"healthy-tenant failures {healthy_failed}", flush=True)
+            line = (f"  {len(results)} requests, {time.perf_counter() - started:.0f} s, RSS {rss[-1]:.0f} MiB, "
+                    f"healthy-tenant failures {healthy_failed}")
+            if profile and len(rss) >= warmup_chunks:  # the first dump after the warm-up is the baseline
+                dump = read_profile(proc, profile)
+                if dump:
+                    profiles.append({"requests": len(results), **{k: v for k, v in dump.items()
+                                                                  if k != "top_growth_since_baseline"}})
+                    line += (f", traced heap {dump['traced_mb']:.1f} MiB, glibc in use {dump['heap_in_use_mb']:.0f} "
+                             f"free {dump['heap_free_mb']:.0f} mmapped {dump['mmapped_mb']:.0f} MiB")
+            print(line, flush=True)
         alive = proc.poll() is None
         import httpx
 
@@ -635,12 +716,166 @@ def section_soak(args, plan) -> dict:
            "rss_mb_last": rss[-1] if rss else None, "rss_mb_max": max(rss) if rss else None,
            "rss_mb_after_10pct": rss[max(0, len(rss) // 10)] if rss else None,
            "rss_mb_every_chunk": [round(x) for x in rss], "chunk_requests": chunk}
+    if len(rss) > warmup_chunks:
+        settled = rss[warmup_chunks - 1]  # after the warm-up
+        out.update({"warmup_requests": warmup_chunks * chunk, "rss_mb_after_warmup": settled,
+                    "rss_drift_after_warmup_pct": 100 * (rss[-1] - settled) / settled,
+                    "rss_max_after_warmup_pct": 100 * (max(rss[warmup_chunks - 1:]) - settled) / settled})
+    if profiles:
+        out["profile_every_chunk"] = profiles
+        out["top_growth_since_warmup"] = json.loads(Path(profile).read_text())["top_growth_since_baseline"]
     print(f"  soak: {len(results)}/{len(jobs)} answered in {wall:.0f} s ({bad} bad inputs, {out['bad_uploads']} "
           f"bad adapter uploads): healthy-tenant failures {healthy_failures} of {out['healthy_requests']}, "
           f"5xx {server_errors}, unexpected status {wrong_status} {unexpected}, wrong-tenant answers {wrong_tenant}, "
           f"adapter files untouched {untouched}, crashed {out['crashed']}; server RSS {out['rss_mb_first']:.0f} -> "
           f"{out['rss_mb_last']:.0f} MiB (max {out['rss_mb_max']:.0f}, after 10% {out['rss_mb_after_10pct']:.0f})",
           flush=True)
+    if "rss_drift_after_warmup_pct" in out:
+        print(f"  RSS after the {out['warmup_requests']}-request warm-up {out['rss_mb_after_warmup']:.0f} MiB; "
+              f"drift to the end {out['rss_drift_after_warmup_pct']:+.2f} %, highest {out['rss_max_after_warmup_pct']:+.2f} %",
+              flush=True)
+    for row in out.get("top_growth_since_warmup", [])[:8]:
+        print(f"    {row['kib']:+10.1f} KiB {row['blocks']:+7d} blocks  {row['where']}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- fair
+
+
+async def open_loop(url: str, schedule: list[tuple[float, dict]]) -> list[dict]:
+    """Send each job at its time (seconds from the start) whatever the answers, as independent clients do;
+    per job: status, latency and when it was sent."""
+    import httpx
+
+    results: list[dict | None] = [None] * len(schedule)
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(index: int, at: float, job: dict) -> None:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            sent = time.perf_counter()
+            try:
+                status = (await client.request(job.get("method", "POST"), job["path"], **job["kwargs"])).status_code
+            except httpx.HTTPError:
+                status = -1
+            results[index] = {"status": status, "seconds": time.perf_counter() - sent, "sent_s": sent - start,
+                              "tenant": job["tenant"]["task"]}
+
+        await asyncio.gather(*(one(i, at, job) for i, (at, job) in enumerate(schedule)))
+    return results
+
+
+def scrape(url: str, key: str) -> dict[str, float]:
+    """/metrics as {sample with labels: value}."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                   if line and not line.startswith("#"))}
+
+
+def section_fair(args, plan=None) -> dict:
+    """Tenant A alone, then A while B floods at 10x A's rate with the heaviest adapter the server accepts."""
+    from adapt.adapter import save_adapter
+    from adapt.serve.engine import EngineConfig
+    from adapt.serve.tenancy import hash_key
+    from adapt.serve.testing import heaviest_adapter, image_bytes, make_adapter
+
+    work = Path(args.workdir, "fair")
+    adapters = work / "adapters"
+    adapters.mkdir(parents=True, exist_ok=True)
+    base = load_base(args.base)
+    processor = make_processor(base.config, args.image_size)
+    bounds = EngineConfig()  # the server's defaults: queues, deadline and the per-adapter cost bounds
+    a = {"task": "tenant-a", "key": "key-tenant-a"}
+    b = {"task": "tenant-b", "key": "key-tenant-b"}
+    save_adapter(make_adapter(base, processor, a["task"], ["fish", "shark", "penguin"], seed=1),
+                 adapters / f"{a['task']}.safetensors")
+    heavy = heaviest_adapter(base, processor, b["task"], rank=bounds.max_lora_rank, max_tokens=bounds.max_prompt_tokens,
+                             seed=2)
+    save_adapter(heavy, adapters / f"{b['task']}.safetensors")
+    keys = {"tenants": [{"name": t["task"], "key_sha256": hash_key(t["key"]), "tasks": [t["task"]]} for t in (a, b)],
+            "admins": [{"name": "ops", "key_sha256": hash_key("key-admin")}]}
+    (work / "keys.json").write_text(json.dumps(keys))
+    side = args.image_size or base.config.image.max_size
+    image = image_bytes(side, side, seed=3)
+    print(f"  A: prompt adapter, 3 categories; B: LoRA r={bounds.max_lora_rank} on "
+          f"{len(heavy.lora_config['target_modules'])} layers, {heavy.input_ids.shape[1]}-token prompt; images {side}x{side}; A {args.fair_rate:g} req/s, "
+          f"B {10 * args.fair_rate:g} req/s; queues {bounds.tenant_queue} per tenant, {bounds.max_queue} in all",
+          flush=True)
+    del base
+    port = free_port()
+    config = {"max_queue": bounds.max_queue, "tenant_queue": bounds.tenant_queue, "deadline_s": bounds.deadline_s}
+    proc = start_server(args, {"adapters": str(adapters), "keys": str(work / "keys.json")}, max_batch=args.max_batch,
+                        window_ms=args.window_ms, port=port, config=config)
+    url = f"http://127.0.0.1:{port}"
+    gap = 1.0 / args.fair_rate
+    try:
+        asyncio.run(open_loop(url, [(i * 0.5, detect_job(t, image)) for i, t in enumerate([a, b] * 3)]))  # warm-up
+        single_b = asyncio.run(drive(url, [detect_job(b, image) for _ in range(3)], 1))
+        single_a = asyncio.run(drive(url, [detect_job(a, image) for _ in range(3)], 1))
+        alone = asyncio.run(open_loop(url, [(i * gap, detect_job(a, image)) for i in range(args.fair_requests)]))
+        before = scrape(url, "key-admin")
+        lead = 2.0  # B's backlog builds before A's first request
+        schedule = [(lead + i * gap, detect_job(a, image)) for i in range(args.fair_requests)]
+        schedule += [(i * gap / 10, detect_job(b, image)) for i in range(10 * (args.fair_requests + round(lead / gap)))]
+        flood = asyncio.run(open_loop(url, schedule))
+        after = scrape(url, "key-admin")
+    finally:
+        stop_server(proc)
+
+    def latencies(rows: list[dict]) -> dict:
+        ok = [r["seconds"] * 1000 for r in rows if r["status"] == 200]
+        return {"requests": len(rows), "ok": len(ok), "failures": len(rows) - len(ok),
+                "p50_ms": pct(ok, 50) if ok else None, "p99_ms": pct(ok, 99) if ok else None}
+
+    b_rows = [r for r in flood if r["tenant"] == b["task"]]
+    b_window = max(r["sent_s"] + r["seconds"] for r in b_rows) - min(r["sent_s"] for r in b_rows)
+    batches = after["adapt_batch_seconds_count"] - before["adapt_batch_seconds_count"]
+    batch_s = (after["adapt_batch_seconds_sum"] - before["adapt_batch_seconds_sum"]) / max(batches, 1)
+
+    def counted(family: str, tenant: str) -> float:
+        name = f'{family}{{tenant="{tenant}"}}'
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def charged(tenant: str) -> float:
+        return counted("adapt_tenant_compute_seconds_total", tenant)
+
+    out = {"a_alone": latencies(alone), "a_under_flood": latencies([r for r in flood if r["tenant"] == a["task"]]),
+           "a_single_ms": statistics.median(r["seconds"] * 1000 for r in single_a),
+           "b_single_ms": statistics.median(r["seconds"] * 1000 for r in single_b),
+           "b_sent": len(b_rows), "b_ok": sum(r["status"] == 200 for r in b_rows),
+           "b_429": sum(r["status"] == 429 for r in b_rows),
+           "b_other": sorted({r["status"] for r in b_rows} - {200, 429}),
+           "b_throughput_rps": sum(r["status"] == 200 for r in b_rows) / b_window,
+           "batches_during_flood": batches, "mean_batch_ms_during_flood": 1000 * batch_s,
+           "compute_s_charged": {"a": charged(a["task"]), "b": charged(b["task"])},
+           # the batches A can find in progress when it arrives: B's (cost classes keep A out of them)
+           "mean_b_batch_ms_during_flood": 1000 * charged(b["task"]) / max(1, counted("adapt_tenant_batches_total",
+                                                                                       b["task"])),
+           "b_lora_rank": bounds.max_lora_rank, "b_prompt_tokens": int(heavy.input_ids.shape[1]),
+           "a_rate_rps": args.fair_rate}
+    alone_row, flood_row = out["a_alone"], out["a_under_flood"]
+    # "one batch time", read two ways: the mean of every batch of the flood, and the mean of B's batches (those
+    # an arriving request of A can find in progress)
+    for key, batch_ms in (("all_batches", out["mean_batch_ms_during_flood"]),
+                          ("b_batches", out["mean_b_batch_ms_during_flood"])):
+        target_ms = 2 * alone_row["p99_ms"] + batch_ms
+        out[f"target_p99_ms_{key}"] = target_ms
+        out[f"target_met_{key}"] = flood_row["failures"] == 0 and flood_row["p99_ms"] <= target_ms
+    print(f"  one request alone: A {out['a_single_ms']:.0f} ms, B {out['b_single_ms']:.0f} ms", flush=True)
+    print(f"  A alone:        p50 {alone_row['p50_ms']:.0f} ms, p99 {alone_row['p99_ms']:.0f} ms, failures "
+          f"{alone_row['failures']}/{alone_row['requests']}", flush=True)
+    print(f"  A under flood:  p50 {flood_row['p50_ms']:.0f} ms, p99 {flood_row['p99_ms']:.0f} ms, failures "
+          f"{flood_row['failures']}/{flood_row['requests']}", flush=True)
+    for key, label in (("all_batches", "mean of all batches"), ("b_batches", "mean of B's batches")):
+        batch_ms = out[f"target_p99_ms_{key}"] - 2 * alone_row["p99_ms"]
+        print(f"  target p99 <= 2 x {alone_row['p99_ms']:.0f} + one batch ({label} {batch_ms:.0f} ms) = "
+              f"{out[f'target_p99_ms_{key}']:.0f} ms: {'met' if out[f'target_met_{key}'] else 'MISSED'}", flush=True)
+    print(f"  B flooding:     {out['b_sent']} sent, {out['b_ok']} answered ({out['b_throughput_rps']:.2f} req/s), "
+          f"{out['b_429']} refused with 429, other statuses {out['b_other']}; compute charged during the flood "
+          f"A {out['compute_s_charged']['a']:.1f} s, B {out['compute_s_charged']['b']:.1f} s", flush=True)
     return out
 
 
@@ -650,7 +885,7 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name printed with the figures")
     parser.add_argument("--image-size", type=int, default=None, help="square resize (default: the base config's)")
     parser.add_argument("--workdir", default=None, help="adapters, keys (default: a temporary folder)")
-    parser.add_argument("--sections", default="load,cold,rss,soak,batch,lora")
+    parser.add_argument("--sections", default="load,cold,rss,soak,batch,lora,fair")
     parser.add_argument("--requests", type=int, default=200, help="requests per load configuration")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     parser.add_argument("--modes", default="on,off", help="batching modes to load-test")
@@ -659,6 +894,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--window-ms", type=float, default=5.0)
     parser.add_argument("--soak-requests", type=int, default=10_000)
+    parser.add_argument("--soak-profile", action="store_true", help="run the soak's server under tracemalloc")
+    parser.add_argument("--fair-requests", type=int, default=40, help="tenant A's requests per [fair] phase")
+    XX
     parser.add_argument("--switch-reps", type=int, default=22)
     parser.add_argument("--batch-reps", type=int, default=5, help="repetitions of the in-process batch comparison")
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the [lora] section's adapters")
@@ -675,14 +913,16 @@ def main() -> None:
     print(f"serve_bench {args.label or args.base}: {os.cpu_count()} CPUs, torch threads {args.threads}, "
           f"max_batch {args.max_batch}, window {args.window_ms} ms, concurrency {args.concurrency}", flush=True)
     sections = args.sections.split(",")
-    plan = prepare_workdir(args) if set(sections) - {"lora"} else None  # [lora] makes its own adapters
+    plan = prepare_workdir(args) if set(sections) - {"lora", "fair"} else None  # these make their own adapters
     figures = {}
     for section in sections:
         print(f"[{section}]", flush=True)
         figures[section] = {"load": section_load, "cold": section_cold, "rss": section_rss, "soak": section_soak,
-                            "batch": section_batch, "lora": section_lora}[section](args, plan)
+                            "batch": section_batch, "lora": section_lora, "fair": section_fair}[section](args, plan)
     if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=1, default=str))
+        from glip_io import atomic_write
+
+        atomic_write(args.out, json.dumps(figures, indent=1, default=str).encode())
 
 
 if __name__ == "__main__":

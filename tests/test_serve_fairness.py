@@ -15,13 +15,10 @@ from adapt.serve.admission import FairQueue, QueueFull, TenantOverShare  # noqa:
 from adapt.serve.app import serve_engine  # noqa: E402
 from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine  # noqa: E402
 from adapt.serve.tenancy import Tenancy, hash_key  # noqa: E402
-from adapt.serve.testing import image_bytes, make_adapter, serve_in_thread, tiny_base, write_adapter  # noqa: E402
-from adapt.strategies import LORA_DEFAULT_TARGETS  # noqa: E402
+from adapt.serve.testing import heaviest_adapter, image_bytes, serve_in_thread, tiny_base, write_adapter  # noqa: E402
 from backbone.processor import GLIPProcessor  # noqa: E402
 
 KEYS = {"team-a": "key-a-0123456789", "team-b": "key-b-0123456789", "ops": "key-admin-0123456789"}
-# B's prompt: as many categories as fit the tiny base's 256-token prompt
-HEAVY_CATEGORIES = [f"{word} {i}" for i in range(40) for word in ("red", "blue")][:60]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,31 +29,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def heaviest_lora(base, processor, rank: int):
-    """B's adapter: a LoRA of `rank` on every default target of the base, with the longest prompt B may send."""
-    import re
-
-    adapter = make_adapter(base, processor, "heavy", HEAVY_CATEGORIES, strategy="lora", seed=4)
-    generator = torch.Generator().manual_seed(5)
-    targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(
-        LORA_DEFAULT_TARGETS, n)]
-    lora = {}
-    for name in targets:
-        out_dim, in_dim = base.get_submodule(name).weight.shape
-        lora[f"{name}.lora_A.weight"] = 0.01 * torch.randn(rank, in_dim, generator=generator)
-        lora[f"{name}.lora_B.weight"] = 0.01 * torch.randn(out_dim, rank, generator=generator)
-    adapter.lora, adapter.lora_config = lora, {"r": rank, "alpha": rank, "target_modules": targets}
-    return adapter
-
-
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("adapters")
     base = tiny_base()
     processor = GLIPProcessor.from_config(base.config)
     write_adapter(base, processor, directory, "alpha", ["cat", "dog"])
-    rank = getattr(EngineConfig(), "max_lora_rank", 64)  # the largest rank the server accepts
-    save_adapter(heaviest_lora(base, processor, rank), directory / "heavy.safetensors")
+    bounds = EngineConfig()  # B's adapter: the largest LoRA rank and the longest prompt the server accepts
+    heavy = heaviest_adapter(base, processor, "heavy", rank=bounds.max_lora_rank, max_tokens=bounds.max_prompt_tokens)
+    assert heavy.input_ids.shape[1] > 200 and heavy.lora_config["r"] == bounds.max_lora_rank
+    save_adapter(heavy, directory / "heavy.safetensors")
     return directory
 
 
@@ -106,6 +88,23 @@ def test_batches_share_measured_compute_not_request_counts():
     assert split["heavy"] == pytest.approx(1.0, rel=0.05) and split["light"] == pytest.approx(0.1, rel=0.05)
 
 
+def test_a_light_tenant_never_waits_on_a_long_heavy_batch_nor_shares_its_pass():
+    queue = FairQueue(max_total=100, per_tenant=50)
+    queue.put("light", "l0")
+    queue.take(1, 0.0)
+    queue.charge({"light": 1}, 0.1)  # light is active
+    queue.charge({"heavy": 1}, 1.0)
+    for i in range(8):
+        queue.put("heavy", f"h{i}")
+    assert [item for _, item in queue.take(8, 0.0)] == ["h0"]  # one heavy request at a time, not 8 s of them
+    queue.put("light", "l1")
+    queue.put("heavy", "h8")
+    assert sorted(item for _, item in queue.take(8, 0.0)) == ["h1", "l1"]  # light ones still fill the batch
+    picked = [("heavy", "h1"), ("light", "l1"), ("fresh", "f0"), ("light", "l2")]  # a batch in fair order
+    runs = queue.runs(picked)  # parted by cost, cheapest first (an unmeasured tenant joins the cheapest)
+    assert [[item for _, item in run] for run in runs] == [["f0", "l1", "l2"], ["h1"]]
+
+
 def test_an_idle_tenant_banks_no_credit():
     queue = FairQueue(max_total=100, per_tenant=50)
     for i in range(10):
@@ -117,6 +116,16 @@ def test_an_idle_tenant_banks_no_credit():
         queue.put("late", i)
     order = [tenant for tenant, _ in queue.take(4, 0.0)]
     assert order == ["busy", "late", "busy", "late"]  # alternating, not late four times first
+    # Nor is a tenant that had the machine to itself behind: when others arrive, they start level with it.
+    queue = FairQueue(max_total=100, per_tenant=50)
+    for i in range(20):
+        queue.put("solo", i)
+        queue.take(1, 0.0)
+        queue.charge({"solo": 1}, 1.0)  # 20 s of compute, nobody else waiting
+    for i in range(10):
+        queue.put("newcomer", i)
+    queue.put("solo", 20)
+    assert "solo" in [tenant for tenant, _ in queue.take(2, 0.0)]  # not after 20 s of the newcomer's requests
 
 
 # --------------------------------------------------------------------------------------------- over HTTP

@@ -2,11 +2,17 @@
 
 Each tenant has its own queue of at most `per_tenant` waiting requests; all queues together hold at most
 `max_total`. A batch takes, one slot at a time, the head of the backlogged tenant that has been charged
-the least compute (start-time fair queuing: a tenant that becomes backlogged starts at the least charge of
-those already waiting, so idle time banks no credit). After a batch runs, its measured seconds are charged
+the least compute (start-time fair queuing: a tenant that becomes backlogged starts no lower than the
+charge of the last request picked, so idle time banks no credit). After a batch runs, its measured seconds are charged
 to its tenants: all of it to the one tenant of a single-tenant batch, and in proportion to the tenants'
 recent seconds per request in a mixed one. A tenant whose requests cost ten times more therefore gets a
 tenth of the slots while others wait, and a light tenant is never queued behind a heavy one's backlog.
+
+Two rules bound how long a light tenant waits behind a heavy one's compute. While a tenant whose requests
+cost at most half as much is active, a batch holds one request of a heavier tenant, so the batch in progress
+when a light request arrives is short. And a batch is run as cost classes, cheapest first (`runs`): tenants
+whose requests cost more than twice the cheapest of the class run after it, so a light request never shares
+its pass with a heavy one.
 
 Refusals fall on the tenant over its share: a full tenant queue refuses that tenant (TenantOverShare,
 HTTP 429); when all queues together are full, the newest request of the tenant holding the most is
@@ -27,6 +33,10 @@ Item = TypeVar("Item")
 
 # Weight of the newest batch in a tenant's moving average of seconds per request.
 _COST_SMOOTHING = 0.2
+# A tenant that queued a request this recently counts as active: batches are kept short enough for it.
+_ACTIVE_S = 30.0
+# Tenants whose requests cost within this factor of the cheapest of a class share its pass.
+_CLASS_RATIO = 2.0
 
 
 class QueueFull(RuntimeError):
@@ -47,6 +57,7 @@ class _Tenant(Generic[Item]):
     waiting: deque = field(default_factory=deque)  # (arrival number, item), oldest first
     charged: float = 0.0  # compute seconds charged so far: the fair-queuing clock
     cost: float = 0.0  # moving average of seconds per request; 0 until measured
+    last_put: float = 0.0  # time.monotonic() of its latest request
 
 
 class FairQueue(Generic[Item]):
@@ -59,6 +70,7 @@ class FairQueue(Generic[Item]):
         self._tenants: dict[str, _Tenant] = {}
         self._total = 0
         self._arrivals = 0
+        self._clock = 0.0  # the charge level of the latest pick: where a newly backlogged tenant starts
         self._changed = threading.Condition()
 
     def __len__(self) -> int:
@@ -67,10 +79,6 @@ class FairQueue(Generic[Item]):
     def waiting(self, tenant: str) -> int:
         entry = self._tenants.get(tenant)
         return len(entry.waiting) if entry else 0
-
-    def charged_seconds(self, tenant: str) -> float:
-        entry = self._tenants.get(tenant)
-        return entry.charged if entry else 0.0
 
     # ---------------------------------------------------------------------------------------------- admit
 
@@ -94,10 +102,10 @@ class FairQueue(Generic[Item]):
                 _, pushed = self._tenants[victim].waiting.pop()  # its newest: the oldest keep their place
                 self._total -= 1
             entry = self._tenants.setdefault(tenant, _Tenant())
-            backlogged = [t.charged for t in self._tenants.values() if t.waiting]
-            if not entry.waiting and backlogged:  # newly backlogged: no credit banked while idle
-                entry.charged = max(entry.charged, min(backlogged))
+            if not entry.waiting:  # newly backlogged: no credit banked while idle
+                entry.charged = max(entry.charged, self._clock)
             self._arrivals += 1
+            entry.last_put = time.monotonic()
             entry.waiting.append((self._arrivals, item))
             self._total += 1
             self._changed.notify()
@@ -114,10 +122,10 @@ class FairQueue(Generic[Item]):
             return
         wait = self.retry_after(tenant)
         if mine >= self.per_tenant:
-            raise TenantOverShare(self._total, wait, f"this key already has {mine} requests waiting, its share of "
+            raise TenantOverShare(self._total, wait, f"this tenant already has {mine} requests waiting, its share of "
                                   f"the queue (at most {self.per_tenant} per tenant); retry in {wait} s")
         if mine:
-            raise TenantOverShare(self._total, wait, f"the queue is full ({self._total} requests) and this key "
+            raise TenantOverShare(self._total, wait, f"the queue is full ({self._total} requests) and this tenant "
                                   f"holds {mine} of them, no fewer than any other tenant; retry in {wait} s")
         raise QueueFull(self._total, wait)
 
@@ -147,17 +155,41 @@ class FairQueue(Generic[Item]):
         clock = {name: t.charged for name, t in self._tenants.items() if t.waiting}
         known = [t.cost for t in self._tenants.values() if t.cost]
         default_cost = sum(known) / len(known) if known else 1.0
-        picked = []
+        recent = time.monotonic() - _ACTIVE_S
+        active = [t.cost for t in self._tenants.values() if t.cost and (t.waiting or t.last_put > recent)]
+        heavy = _CLASS_RATIO * min(active) if active else math.inf  # costlier than this: one per batch
+        picked, heavy_picked = [], False
         while clock and len(picked) < max_items:
             # least charged first; on a tie, the tenant whose head request arrived first
             name = min(clock, key=lambda n: (clock[n], self._tenants[n].waiting[0][0]))
             entry = self._tenants[name]
+            cost = entry.cost or default_cost
+            if cost > heavy:
+                if heavy_picked:
+                    del clock[name]  # its turn comes first in a later batch
+                    continue
+                heavy_picked = True
             picked.append((name, entry.waiting.popleft()[1]))
             self._total -= 1
-            clock[name] += entry.cost or default_cost  # tentative: the measured charge follows the batch
+            clock[name] += cost  # tentative: the measured charge follows the batch
+            self._clock = max(self._clock, clock[name])
             if not entry.waiting:
                 del clock[name]
         return picked
+
+    def runs(self, picked: list[tuple[str, Item]]) -> list[list[tuple[str, Item]]]:
+        """Split a picked batch into cost classes, cheapest first: a tenant whose requests cost more than twice
+        the cheapest of the current class starts the next one (unmeasured tenants join the cheapest)."""
+        cost = {name: self._tenants[name].cost if name in self._tenants else 0.0 for name, _ in picked}
+        classes: list[list[tuple[str, Item]]] = []
+        floor = 0.0
+        for name in sorted(cost, key=cost.get):
+            if not classes or (floor and cost[name] > _CLASS_RATIO * floor):
+                classes.append([])
+                floor = cost[name]
+            floor = floor or cost[name]
+            classes[-1] += [pair for pair in picked if pair[0] == name]
+        return classes
 
     def charge(self, counts: dict[str, int], seconds: float) -> dict[str, float]:
         """Charge a batch's measured `seconds` to its tenants (`counts`: requests per tenant); returns the split."""

@@ -322,7 +322,7 @@ class MultiTenantEngine:
             raise
         if pushed is not None:
             refusal = TenantOverShare(len(self._queue), self._queue.retry_after(pushed.tenant),
-                                      "the queue is full and this key holds the most of it, so its newest request "
+                                      "the queue is full and this tenant holds the most of it, so its newest request "
                                       "made room for another tenant's; retry in "
                                       f"{self._queue.retry_after(pushed.tenant)} s")
             self._count_refusal(refusal)
@@ -357,20 +357,20 @@ class MultiTenantEngine:
     def _loop(self) -> None:
         window = self.config.batch_window_ms / 1000.0
         while not self._stop.is_set():
-            batch = [request for _, request in self._queue.take(self.config.max_batch, window)]
-            if not batch:
-                continue
-            self._inflight = len(batch)
-            started = time.perf_counter()
-            try:
-                self._process(batch)
-            except BaseException as error:  # the batcher must survive anything a batch does
-                log.exception("batch failed")
-                for request in batch:
-                    _resolve(request, error if isinstance(error, Exception) else RuntimeError(repr(error)))
-            finally:
-                self._inflight = 0
-                self._charge(batch, time.perf_counter() - started)
+            picked = self._queue.take(self.config.max_batch, window)
+            self._inflight = len(picked)
+            for run in self._queue.runs(picked):  # cost classes, cheapest first
+                batch = [request for _, request in run]
+                started = time.perf_counter()
+                try:
+                    self._process(batch)
+                except BaseException as error:  # the batcher must survive anything a batch does
+                    log.exception("batch failed")
+                    for request in batch:
+                        _resolve(request, error if isinstance(error, Exception) else RuntimeError(repr(error)))
+                finally:
+                    self._inflight -= len(batch)
+                    self._charge(batch, time.perf_counter() - started)
 
     def _charge(self, batch: list[_Request], seconds: float) -> None:
         """Account a batch's measured compute time to its tenants (the fair-queuing clock and /metrics)."""
@@ -380,6 +380,7 @@ class MultiTenantEngine:
         for tenant, share in self._queue.charge(counts, seconds).items():
             self.metrics.inc("adapt_tenant_compute_seconds_total", share, tenant=tenant)
             self.metrics.inc("adapt_tenant_requests_total", counts[tenant], tenant=tenant)
+            self.metrics.inc("adapt_tenant_batches_total", tenant=tenant)
 
     def _process(self, batch: list[_Request]) -> None:
         start = time.perf_counter()

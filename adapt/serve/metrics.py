@@ -88,6 +88,7 @@ def server_metrics() -> Metrics:
     m.counter("adapt_tenant_compute_seconds_total", "measured batch time charged to each tenant (fair queuing)",
               ("tenant",))
     m.counter("adapt_tenant_requests_total", "requests of each tenant that reached the model", ("tenant",))
+    m.counter("adapt_tenant_batches_total", "model batches that held requests of each tenant", ("tenant",))
     m.counter("adapt_adapter_failures_total", "run-time failures of an adapter's requests retried on their own",
               ("task",))
     return m

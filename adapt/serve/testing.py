@@ -8,6 +8,7 @@ every code path of loading, verification, batching and isolation.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 
 from adapt import get_strategy
 from adapt.adapter import Adapter, base_fingerprint, save_adapter
+from adapt.strategies import LORA_DEFAULT_TARGETS
 from backbone.model import GLIP
 from backbone.processor import GLIPProcessor
 
@@ -56,6 +58,28 @@ def make_adapter(base: GLIP, processor: GLIPProcessor, task: str, categories: li
                    prompt=prompt, positive_map=tokens.positive_map, input_ids=tokens.input_ids,
                    caption=tokens.caption, base_model=base.config.name, base_fingerprint=base_fingerprint(base),
                    weights=weights, lora=lora, lora_config=lora_config)
+
+
+def heaviest_adapter(base: GLIP, processor: GLIPProcessor, task: str, *, rank: int, max_tokens: int,
+                     seed: int = 0) -> Adapter:
+    """The costliest adapter a server with these bounds accepts, as a tenant out to slow the others down would
+    build it: a LoRA of `rank` on every default LoRA target and a prompt of as many categories as fit
+    `max_tokens` tokens."""
+    count = 1
+    while len(chunks := processor.tokenize([f"object {i}" for i in range(count + 1)])) == 1 and \
+            chunks[0].input_ids.shape[1] <= max_tokens:
+        count += 1
+    adapter = make_adapter(base, processor, task, [f"object {i}" for i in range(count)], strategy="lora", seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    targets = [name for name, module in base.named_modules()
+               if isinstance(module, torch.nn.Linear) and re.fullmatch(LORA_DEFAULT_TARGETS, name)]
+    lora = {}
+    for name in targets:
+        out_dim, in_dim = base.get_submodule(name).weight.shape
+        lora[f"{name}.lora_A.weight"] = 0.01 * torch.randn(rank, in_dim, generator=generator)
+        lora[f"{name}.lora_B.weight"] = 0.01 * torch.randn(out_dim, rank, generator=generator)
+    adapter.lora, adapter.lora_config = lora, {"r": rank, "alpha": rank, "target_modules": targets}
+    return adapter
 
 
 def write_adapter(base: GLIP, processor: GLIPProcessor, directory: str | Path, task: str, categories: list[str],
