@@ -896,7 +896,8 @@ def main() -> None:
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-profile", action="store_true", help="run the soak's server under tracemalloc")
     parser.add_argument("--fair-requests", type=int, default=40, help="tenant A's requests per [fair] phase")
-    XX
+    parser.add_argument("--fair-rate", type=float, default=0.4,
+                        help="tenant A's requests per second (keep A well inside its share); B sends 10x")
     parser.add_argument("--switch-reps", type=int, default=22)
     parser.add_argument("--batch-reps", type=int, default=5, help="repetitions of the in-process batch comparison")
     parser.add_argument("--lora-rank", type=int, default=8, help="rank of the [lora] section's adapters")
