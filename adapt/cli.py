@@ -66,15 +66,11 @@ def convert(
 ) -> None:
     """Convert an official GLIP checkpoint into this toolkit's safetensors format (strict)."""
     from backbone.checkpoints import save_model
-    from backbone.convert import CheckpointMismatchError
     from backbone.model import GLIP
 
     if not source.exists():
         fail(f"{source} does not exist")
-    try:
-        model = GLIP.from_pretrained(source)
-    except CheckpointMismatchError as error:
-        fail(str(error))
+    model = GLIP.from_pretrained(source)  # a CheckpointMismatchError is a ValueError: one `error:` line
     save_model(model, target, source=str(source))
     typer.echo(f"wrote {target} ({model.config.name}, {target.stat().st_size / 2**20:.1f} MiB)")
 
@@ -149,9 +145,9 @@ def _build_tune(strategy: str):
     from adapt.train.config import TrainConfig
     from adapt.tune import TuneConfig
 
-    # LoRA's own settings are offered by `adapt lora` only (a config file may still carry them).
-    other = () if strategy == "lora" else tuple(f.name for f in dataclasses.fields(TuneConfig)
-                                                if f.name.startswith("lora_"))
+    # LoRA's own settings are offered only by strategies that carry LoRA (a config file may still carry them).
+    other = () if STRATEGIES[strategy].lora else tuple(f.name for f in dataclasses.fields(TuneConfig)
+                                                       if f.name.startswith("lora_"))
     return build_command(strategy, bind_options(_tune_command(strategy), TuneConfig, fixed={"strategy": strategy},
                                                 nested={"trainer": TrainConfig}, hide=other))
 
