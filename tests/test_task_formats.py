@@ -218,12 +218,15 @@ def test_ids_come_from_file_names_not_from_the_annotation_file(folders, tmp_path
 
 
 @pytest.mark.slow
-def test_every_format_gives_equal_zero_shot_ap_and_equal_tuned_adapters(folders, tmp_path):
+def test_every_format_gives_equal_zero_shot_ap_and_equal_tuned_adapters(folders, tmp_path, request):
     from adapt.adapter import load_adapter
     from adapt.cli import app
     from adapt.tune import TuneConfig, tune
 
     results, prompts = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # glip-nano is small: a second thread mostly waits (and spins) on a shared machine
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     for name, folder in folders.items():
         out = tmp_path / f"{name}.safetensors"
         results[name] = tune(TuneConfig(strategy="prompt-tune", task=str(folder), base="glip-nano", shots=1, seed=0,
