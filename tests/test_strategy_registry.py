@@ -140,6 +140,20 @@ def test_export_follows_the_declaration(toy):
     assert torch.equal(model.head.bias0.detach(), adapter.weights["head.bias0"])
 
 
+def test_the_command_line_offers_a_strategy_while_it_is_registered():
+    from typer.testing import CliRunner
+
+    from adapt.cli import app
+
+    with toys():
+        listing = CliRunner().invoke(app, ["--help"]).output
+        help_text = CliRunner().invoke(app, ["bias-tune", "--help"]).output
+    assert "bias-tune" in listing and "Train the head's constant alignment bias only." in " ".join(help_text.split())
+    assert "--lora-r" not in help_text and "--steps" in help_text  # it declares no LoRA; the tune options apply
+    gone = CliRunner().invoke(app, ["bias-tune", "--help"])
+    assert gone.exit_code != 0 and "bias-tune" not in CliRunner().invoke(app, ["--help"]).output
+
+
 def test_each_builtin_declaration_is_what_its_class_and_command_carry():
     from typer.main import get_command
 
