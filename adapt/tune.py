@@ -2,7 +2,7 @@
 
     result = tune(TuneConfig(strategy="prompt-tune", task="icons-aquarium", shots=10, seed=0))
 
-The same function backs `adapt prompt-tune|linear-probe|lora|finetune` and the benchmark scripts.
+The same function backs the command of each strategy (`adapt prompt-tune`, ...) and the benchmark scripts.
 """
 from __future__ import annotations
 

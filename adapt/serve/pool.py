@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from glip_io import atomic_write
+from adapt import STRATEGIES
 from adapt.adapter import Adapter, AdapterError, base_fingerprint, check_shareable, load_adapter
 from adapt.adapter import base_magnitudes, lora_scale
 from adapt.serve.lora import LoRAFactors
@@ -443,5 +444,6 @@ def _check_safetensors_header(data: bytes) -> None:
         raise AdapterError("upload is not a safetensors file (too short); adapters are .safetensors files")
     size = int.from_bytes(data[:8], "little")
     if size <= 0 or size > min(_SAFETENSORS_MAX_HEADER, len(data) - 8) or data[8:9] != b"{":
+        shared = "|".join(name for name, spec in STRATEGIES.items() if spec.serving != "own-model")
         raise AdapterError("upload is not a safetensors file (bad header); only .safetensors adapters written by "
-                           "`adapt prompt-tune|linear-probe|lora` are accepted")
+                           f"`adapt {shared}` are accepted")
