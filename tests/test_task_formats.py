@@ -68,7 +68,8 @@ def write_yolo(export: Path, out: Path) -> None:
             lines = []
             for a in boxes_by_image(data)[img["id"]]:
                 x, y, w, h = a["bbox"]
-                lines.append(f"{label_of[a['category_id']]} {(x + w / 2) / W!r} {(y + h / 2) / H!r} {w / W!r} {h / H!r}")
+                cx, cy = (x + w / 2) / W, (y + h / 2) / H
+                lines.append(f"{label_of[a['category_id']]} {cx!r} {cy!r} {w / W!r} {h / H!r}")
             (out / split / "labels" / f"{Path(img['file_name']).stem}.txt").write_text("".join(l + "\n" for l in lines))
     yaml_names = "[" + ", ".join(json.dumps(n) for n in names) + "]"
     (out / "data.yaml").write_text(f"train: ../train/images\nval: ../valid/images\ntest: ../test/images\n"
@@ -96,8 +97,10 @@ def write_voc(export: Path, out: Path) -> None:
             stem = Path(img["file_name"]).stem
             stems.append(stem)
             shutil.copy(export / split / img["file_name"], out / "JPEGImages" / img["file_name"])
-            objects = [(name_of[a["category_id"]], [a["bbox"][0] + 1, a["bbox"][1] + 1, a["bbox"][0] + a["bbox"][2],
-                                                    a["bbox"][1] + a["bbox"][3]]) for a in boxes_by_image(data)[img["id"]]]
+            objects = []
+            for a in boxes_by_image(data)[img["id"]]:
+                x, y, w, h = a["bbox"]
+                objects.append((name_of[a["category_id"]], [x + 1, y + 1, x + w, y + h]))  # 1-based, inclusive
             xml = voc_xml(img["file_name"], img["width"], img["height"], objects)
             (out / "Annotations" / f"{stem}.xml").write_text(xml)
         (out / "ImageSets" / "Main" / f"{other}.txt").write_text("\n".join(stems) + "\n")
@@ -214,7 +217,8 @@ def test_ids_come_from_file_names_not_from_the_annotation_file(folders, tmp_path
         write_image(coco / "train" / f"{stem}.png")
     for folder in (yolo, coco):
         ds = get_task(folder).split("train")
-        assert {Path(ds.image_info(i)["file_name"]).stem: i for i in ds.image_ids} == {"a_dog": 1, "b_cat": 2, "c_eel": 3}
+        ids = {Path(ds.image_info(i)["file_name"]).stem: i for i in ds.image_ids}
+        assert ids == {"a_dog": 1, "b_cat": 2, "c_eel": 3}
 
 
 @pytest.mark.slow
@@ -277,7 +281,8 @@ def test_voc_one_based_corners_and_category_order(tmp_path):
     target = task.split("train").target(1)
     assert target["boxes"].tolist() == [[0, 0, 40, 20], [10, 5, 20, 10]]  # 1..W inclusive covers [0, W]
     assert target["labels"].tolist() == [1, 0]
-    write_text(folder / "labelmap.txt", "# label:color_rgb:parts:actions\nbackground:0,0,0::\nzebra:1,2,3::\nant:4,5,6::\n")
+    write_text(folder / "labelmap.txt",
+               "# label:color_rgb:parts:actions\nbackground:0,0,0::\nzebra:1,2,3::\nant:4,5,6::\n")
     with pytest.warns(UserWarning, match="background"):
         assert get_task(folder).category_names == ["zebra", "ant"]
     write_text(folder / "labels.txt", "ant\nzebra\n")  # labels.txt is read before labelmap.txt
