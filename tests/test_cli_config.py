@@ -202,3 +202,15 @@ def test_the_written_config_reproduces_the_adapter_bit_for_bit(workspace, tmp_pa
         del config["out"], config["run_dir"]
     del written["out"], written["run_dir"]
     assert configs[0] == configs[1] == configs[2] == written
+
+
+def test_the_imported_app_has_tasks_and_one_error_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAPT_DEBUG", raising=False)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["tasks", "list", "--root", str(tmp_path)])
+    assert listed.exit_code == 0 and "icons-aquarium" in listed.output
+    refused = runner.invoke(app, ["tasks", "show", "aquarim", "--root", str(tmp_path)])
+    assert refused.exit_code == 1 and refused.output.count("error:") == 1 and "aquarium" in refused.output
+    refused = runner.invoke(app, ["lora", "--task", TASK, "--prompt-dtype", "int8"])  # refused before any work
+    assert refused.exit_code == 2 and refused.output.startswith("error: prompt_dtype 'int8'"), refused.output
+    assert refused.output.count("\n") == 1
