@@ -118,6 +118,14 @@ def _build_pretrain():
     return build_command("pretrain", bind_options(_pretrain, PretrainConfig, nested={"trainer": TrainConfig}))
 
 
+def _task_label(task: str) -> str:
+    """A file-name stem for a task: a folder's own name (`--task .` included), a task file's stem, or the name."""
+    path = Path(task)
+    if path.is_dir():
+        return path.resolve().name
+    return path.stem if path.suffix in (".yaml", ".yml", ".json") else path.name
+
+
 def _tune_command(strategy: str):
     def command(
         values: dict,
@@ -131,7 +139,7 @@ def _tune_command(strategy: str):
 
             torch.set_num_threads(threads)
         if values.get("out") is None:
-            values["out"] = Path("adapters") / f"{Path(values['task']).stem}-{strategy}.safetensors"
+            values["out"] = Path("adapters") / f"{_task_label(values['task'])}-{strategy}.safetensors"
         result = tune(TuneConfig(**values, data_root=resolve_data_root()))
         _print_tune(result)
         if report:
@@ -199,7 +207,7 @@ def evaluate_command(
 
         metrics = evaluate(GLIPDetector.from_pretrained(base or "glip-nano", device=device, dtype=dtype), dataset,
                            protocol, limit=limit)
-    typer.echo(f"{task_obj.name} [{dataset.ann_file.parent.name}] protocol {protocol}: "
+    typer.echo(f"{task_obj.name} [{task_obj.split_name(split or task_obj.eval_split)}] protocol {protocol}: "
                f"AP {metrics.AP:.1f}  AP50 {metrics.AP50:.1f}  AP75 {metrics.AP75:.1f}")
     floor = metrics.name_blind_floor_AP50
     typer.echo(f"  boxes found {metrics.hit_rate:.1f} %, named right {metrics.naming_rate:.1f} %"

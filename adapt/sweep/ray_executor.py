@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from adapt.sweep.cell import run_cell
 from adapt.sweep.grid import Cell, SweepConfig
+from adapt.sweep.records import failed_row, write_row
 
 RAY_EXTRA = 'pip install "glip-adapt[sweep]"'
 
@@ -48,8 +50,6 @@ def check_resources(wanted: dict[str, float], cluster: dict[str, float], spelled
 
 def _trial(params: dict) -> dict:
     """A Ray Tune trial: run the cell, record its row; raise on failure so FailureConfig retries it."""
-    from adapt.sweep.run import failed_row, run_cell, write_row
-
     fields = {f.name for f in dataclasses.fields(SweepConfig)}
     values = {k: v for k, v in params["sweep"].items() if k in fields}
     for key in ("out", "data_root"):

@@ -6,14 +6,14 @@ without redoing work under either executor, and a failed cell is retried by the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
-from adapt.sweep.cell import ROW_FIELDS, run_cell
+from adapt.sweep.cell import run_cell
 from adapt.sweep.grid import Cell, SweepConfig, check_inputs, plan
+from adapt.sweep.ray_executor import run_ray
+from adapt.sweep.records import failed_row, read_row, write_row
 from adapt.sweep.report import write_reports
-from glip_io import atomic_write
 
 
 def run_sweep(config: SweepConfig, *, log=print) -> list[dict]:
@@ -26,8 +26,6 @@ def run_sweep(config: SweepConfig, *, log=print) -> list[dict]:
         f"({config.executor} executor)")
     if todo:
         if config.executor == "ray":
-            from adapt.sweep.ray_executor import run_ray
-
             run_ray(todo, config, log=log)
         else:
             run_local(todo, config, log=log)
@@ -55,26 +53,6 @@ def attempt_cell(cell: Cell, config: SweepConfig, *, attempts: int = 1, log=prin
             break
     write_row(config, cell, row)
     return row
-
-
-def failed_row(cell: Cell, config: SweepConfig, error: BaseException) -> dict:
-    message = " ".join(str(error).split()) or type(error).__name__
-    return {"task": cell.task, "base": cell.base, "strategy": cell.strategy, "shots": cell.shots_label,
-            "seed": cell.seed, "dtype": config.dtype, "config_hash": cell.config_hash(config), "status": "failed",
-            "error": f"{type(error).__name__}: {message}"}
-
-
-def cell_path(config: SweepConfig, cell: Cell) -> Path:
-    return config.out / "cells" / f"{cell.config_hash(config)}.json"
-
-
-def write_row(config: SweepConfig, cell: Cell, row: dict) -> None:
-    atomic_write(cell_path(config, cell), json.dumps({k: row.get(k) for k in ROW_FIELDS}, indent=1).encode())
-
-
-def read_row(config: SweepConfig, cell: Cell) -> dict | None:
-    path = cell_path(config, cell)
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _status(config: SweepConfig, cell: Cell) -> str | None:
