@@ -162,13 +162,15 @@ def coerce(hint, value, label: str):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("a whole number is needed")
         if kind in (int, str, Path, bool) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value
         if kind in (int, float, str, Path, bool) and not isinstance(value, (list, dict)):
             return _scalar(kind, value)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{label}={value!r} is not a {getattr(kind, '__name__', kind)} ({error})") from None
-    raise ValueError(f"{label}={value!r} is not a {getattr(kind, '__name__', kind)}")
+        raise ValueError(f"{label}={value!r}: expected {getattr(kind, '__name__', kind)} ({error})") from None
+    raise ValueError(f"{label}={value!r}: expected {getattr(kind, '__name__', kind)}")
 
 
 def _option_parameter(f: dataclasses.Field, hint) -> inspect.Parameter:

@@ -131,7 +131,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "sets strategy: lora" in result.output
     path.write_text("task: x\nsteps: many\n")
     result = runner.invoke(app, ["lora", "--config", str(path)])
-    assert result.exit_code == 2 and "steps='many' is not a int" in result.output
+    assert result.exit_code == 2 and "steps='many': expected int" in result.output
     result = runner.invoke(app, ["lora", "--config", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "does not exist" in result.output
 
