@@ -1,7 +1,6 @@
 """The GLIP core on a tiny random model: shapes, hooks, invariants, conversion and post-processing."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from backbone.model import GLIP
 from backbone.outputs import HeadOutputs, PromptFeatures
 from backbone.postprocess import Candidates, Postprocessor, phrase_probabilities
 
-REFERENCE = Path(os.environ.get("ADAPT_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 
 @pytest.fixture(scope="module")
@@ -172,16 +170,15 @@ def test_config_round_trips_through_dict():
         get_preset("glip_t")
 
 
-def _official_keys(name):
-    keys = json.loads((REFERENCE / name / "keys.json").read_text())
+def _official_keys(reference_dir, name):
+    keys = json.loads((reference_dir / name / "keys.json").read_text())
     return keys, {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"]), device="meta")
                   for k, v in keys["keys"].items()}
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(not (REFERENCE / "glip_l" / "keys.json").exists(), reason="../shared/reference not present")
-def test_glip_l_key_layout_converts_with_nothing_missing_or_unexpected():
-    keys, official = _official_keys("glip_l")
+def test_glip_l_key_layout_converts_with_nothing_missing_or_unexpected(reference_dir):
+    keys, official = _official_keys(reference_dir, "glip_l")
     for key, entry in keys["keys"].items():  # real values for the buffers we check on conversion
         if "cell_anchors" in key:
             official[key] = torch.tensor(keys["buffer_values"][entry["value_id"]], dtype=torch.float32)
@@ -195,9 +192,8 @@ def test_glip_l_key_layout_converts_with_nothing_missing_or_unexpected():
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(not (REFERENCE / "glip_t" / "keys.json").exists(), reason="../shared/reference not present")
-def test_conversion_errors_list_missing_unexpected_and_misshaped_keys_by_module():
-    _, official = _official_keys("glip_t")
+def test_conversion_errors_list_missing_unexpected_and_misshaped_keys_by_module(reference_dir):
+    _, official = _official_keys(reference_dir, "glip_t")
     del official["rpn.head.bias0"]
     official["rpn.head.extra_thing.weight"] = torch.empty(3, device="meta")
     official["backbone.fpn.fpn_inner2.weight"] = torch.empty(256, 100, 1, 1, device="meta")

@@ -163,11 +163,7 @@ def test_cli_refuses_an_impossible_device_in_one_line():
     assert "float16 runs on CUDA only" in result.output and "Traceback" not in result.output
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_detect_on_a_real_gpu(dtype):
     model = _model()

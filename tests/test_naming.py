@@ -5,10 +5,10 @@ import torch
 
 from adapt.evaluation import name_blind_floor, naming_rate
 from tasks import detections_to_results
-from tests.test_tasks_evaluate import ground_truth_as_predictions, split  # noqa: F401 (fixture)
+from tests._coco_helpers import ground_truth_as_predictions
 
 
-def test_naming_rate_counts_hit_boxes_and_their_best_name(split):  # noqa: F811
+def test_naming_rate_counts_hit_boxes_and_their_best_name(split):
     ids = split.image_ids
     perfect = ground_truth_as_predictions(split)
     assert naming_rate(split, perfect, ids) == {"hit_rate": 100.0, "naming_rate": 100.0}
@@ -23,7 +23,7 @@ def test_naming_rate_counts_hit_boxes_and_their_best_name(split):  # noqa: F811
     assert naming_rate(split, others, ids) == {"hit_rate": 50.0, "naming_rate": 100.0}
 
 
-def test_name_blind_floor_is_high_with_few_names_and_falls_with_more(split):  # noqa: F811
+def test_name_blind_floor_is_high_with_few_names_and_falls_with_more(split):
     ids = split.image_ids
     present_only = name_blind_floor(split, ids, lambda i: sorted({int(l) for l in split.target(i)["labels"]}))
     with_absent = name_blind_floor(split, ids, lambda i: [0, 1])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,6 @@ from backbone.prompts import PromptTokenizer
 from backbone.processor import (CategoryPrompt, GLIPProcessor, ImageBatch, TokenizedPrompt, build_caption, get_size,
                                 load_image, load_tokenizer, rescale_boxes)
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="needs ../shared/reference")
 
 AQUARIUM = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingray"]
 # odinw_35 Aquarium CAPTION_PROMPT (FINDINGS.md §10).
@@ -130,13 +127,13 @@ def test_odinw35_aquarium_only_names_positive(processor):
     assert prompt.categories == tuple(AQUARIUM)
 
 
-@needs_reference
+@pytest.mark.reference
 @pytest.mark.parametrize("case", ["glip_t", "glip_a"])
-def test_reference_prompts(processor, case):
+def test_reference_prompts(processor, case, reference_dir):
     from safetensors.torch import load_file
 
-    info = json.loads((REFERENCE / case / "prompt.json").read_text())
-    ref = load_file(str(REFERENCE / case / "outputs.safetensors"))
+    info = json.loads((reference_dir / case / "prompt.json").read_text())
+    ref = load_file(str(reference_dir / case / "outputs.safetensors"))
     (prompt,) = processor.tokenize((info["caption"], info["phrase_char_spans"]))
     n = int(ref["lang.attention_mask"].sum())
     assert torch.equal(prompt.input_ids, ref["lang.input_ids"][:, :n])
@@ -365,20 +362,20 @@ def test_get_size_official_samples():
     assert get_size((400, 1000), 800, None) == (800, 2000)  # no cap: the GLIPDemo Resize(800) path
 
 
-@needs_reference
-def test_get_size_matches_reference_json():
-    info = json.loads((REFERENCE / "preprocess_check.json").read_text())
+@pytest.mark.reference
+def test_get_size_matches_reference_json(reference_dir):
+    info = json.loads((reference_dir / "preprocess_check.json").read_text())
     for key, expected in info["get_size_800_1333"]["samples"].items():
         w, h = map(int, key.split("x"))
         assert list(get_size((h, w), 800, 1333)) == expected, key
 
 
-@needs_reference
-def test_preprocess_matches_official_resize(processor):
+@pytest.mark.reference
+def test_preprocess_matches_official_resize(processor, reference_dir):
     from safetensors.torch import load_file
 
-    ref = load_file(str(REFERENCE / "preprocess_check.safetensors"))
-    batch = processor.preprocess(REFERENCE / "reference_input.png")
+    ref = load_file(str(reference_dir / "preprocess_check.safetensors"))
+    batch = processor.preprocess(reference_dir / "reference_input.png")
     assert batch.image_sizes == [(800, 1200)] and batch.original_sizes == [(320, 480)]
     assert batch.pixel_values.shape == (1, 3, 800, 1216)  # 1200 padded to a multiple of 32
     sample = batch.pixel_values[0, :, :800:8, :1200:8]
@@ -387,12 +384,12 @@ def test_preprocess_matches_official_resize(processor):
     assert (batch.pixel_values[0, :, :, 1200:] == 0).all()
 
 
-@needs_reference
-def test_preprocess_no_resize_is_bit_exact(processor):
+@pytest.mark.reference
+def test_preprocess_no_resize_is_bit_exact(processor, reference_dir):
     from safetensors.torch import load_file
 
-    ref = load_file(str(REFERENCE / "glip_t" / "outputs.safetensors"))["input.image"]
-    batch = processor.preprocess(REFERENCE / "glip_t" / "input.png", resize=False)
+    ref = load_file(str(reference_dir / "glip_t" / "outputs.safetensors"))["input.image"]
+    batch = processor.preprocess(reference_dir / "glip_t" / "input.png", resize=False)
     assert batch.pixel_values.dtype == torch.float32
     assert torch.equal(batch.pixel_values, ref)
 

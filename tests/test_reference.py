@@ -1,7 +1,5 @@
 """Fidelity against the official code: `adapt verify-reference` on the shared reference cases."""
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,26 +9,24 @@ from typer.testing import CliRunner
 from adapt.cli import app
 from backbone.verify import verify_case
 
-REFERENCE = Path(os.environ.get("ADAPT_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-pytestmark = [pytest.mark.reference, pytest.mark.slow,
-              pytest.mark.skipif(not (REFERENCE / "init_weights.py").exists(), reason="../shared/reference not present")]
+pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("case", ["glip_t", "glip_a"])
-def test_reference_case_passes(case):
-    report = verify_case(REFERENCE / case)
+def test_reference_case_passes(case, reference_dir):
+    report = verify_case(reference_dir / case)
     print(report.render())
     assert report.ok, report.render()
     names = {c.name for c in report.checks}
     assert {"bert", "backbone", "fpn", "dyhead", "head", "detections: unmatched reference"} <= names
 
 
-def test_cli_exits_non_zero_when_a_case_disagrees(tmp_path):
+def test_cli_exits_non_zero_when_a_case_disagrees(tmp_path, reference_dir):
     """A perturbed reference tensor must make the command fail (and say which group)."""
     fake_root = tmp_path / "reference"
     case = fake_root / "glip_a"
-    shutil.copytree(REFERENCE / "glip_a", case)
-    shutil.copy(REFERENCE / "init_weights.py", fake_root / "init_weights.py")
+    shutil.copytree(reference_dir / "glip_a", case)
+    shutil.copy(reference_dir / "init_weights.py", fake_root / "init_weights.py")
     outputs = load_file(str(case / "outputs.safetensors"))
     outputs["fpn.p5"] = outputs["fpn.p5"] * 1.01
     save_file(outputs, str(case / "outputs.safetensors"))
@@ -46,11 +42,11 @@ def test_cli_reports_a_folder_that_is_not_a_case(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["glip_t", "glip_a"])
-def test_bf16_autocast_passes_within_the_case_precision_floor(case):
+def test_bf16_autocast_passes_within_the_case_precision_floor(case, reference_dir):
     """bf16 against the float32 official outputs: BERT, Swin and FPN within the roundoff bounds, DyHead, head and
     detections within the case's precision floor (backbone/verify.py). Before the floor, GLIP-T(C) failed here:
     its DyHead moved by 0.765 against a bound of 0.0625, and 29 robust detections were unmatched."""
-    report = verify_case(REFERENCE / case, dtype="bfloat16")
+    report = verify_case(reference_dir / case, dtype="bfloat16")
     print(report.render())
     assert report.ok, report.render()
     checks = {c.name: c for c in report.checks}
@@ -63,7 +59,7 @@ def test_bf16_autocast_passes_within_the_case_precision_floor(case):
         assert int(checks["detections: unmatched reference"].detail.split("/")[0]) >= 85
 
 
-def test_bf16_check_still_rejects_an_error_above_the_precision_floor(monkeypatch):
+def test_bf16_check_still_rejects_an_error_above_the_precision_floor(monkeypatch, reference_dir):
     """A 10 % error in the alignment logits of the bf16 run alone (the float32 floor runs stay exact) fails."""
     from backbone.model import GLIP
 
@@ -76,7 +72,7 @@ def test_bf16_check_still_rejects_an_error_above_the_precision_floor(monkeypatch
         return outputs
 
     monkeypatch.setattr(GLIP, "fuse_and_predict", skewed)
-    report = verify_case(REFERENCE / "glip_a", dtype="bfloat16")
+    report = verify_case(reference_dir / "glip_a", dtype="bfloat16")
     checks = {c.name: c for c in report.checks}
     assert not report.ok and not checks["head"].ok, report.render()
     assert checks["fpn"].ok and checks["dyhead"].ok

@@ -11,85 +11,15 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from adapt.adapter import save_adapter  # noqa: E402
-from adapt.serve.app import HTTPLimits, serve_engine  # noqa: E402
-from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine  # noqa: E402
+from adapt.serve.app import serve_engine  # noqa: E402
+from adapt.serve.engine import DetectParams  # noqa: E402
 from adapt.serve.pool import InvalidAdapterName, validate_name  # noqa: E402
 from adapt.serve.schemas import DetectResponse  # noqa: E402
-from adapt.serve.tenancy import Tenancy, hash_key  # noqa: E402
+from adapt.serve.tenancy import Tenancy  # noqa: E402
 from adapt.serve.testing import bomb_bytes, image_bytes, make_adapter, tiny_base, write_adapter  # noqa: E402
-from backbone.processor import GLIPProcessor  # noqa: E402
+from tests._serve_helpers import CATEGORIES, KEYS, assert_same, auth, detect, make_engine, tenancy  # noqa: E402
 
-CATEGORIES = {
-    "alpha": (["cat", "dog"], "prompt-tune"),
-    "beta": (["traffic light", "person", "car", "bicycle"], "prompt-tune"),
-    "gamma": (["fish"], "linear-probe"),
-    "delta": (["shark", "whale"], "lora"),
-}
-KEYS = {"team-a": "key-a-0123456789", "team-b": "key-b-0123456789", "ops": "key-admin-0123456789"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; one avoids contention with the batcher."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return GLIPProcessor.from_config(tiny_base().config)
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory, processor):
-    directory = tmp_path_factory.mktemp("adapters")
-    base = tiny_base()
-    for seed, (task, (cats, strategy)) in enumerate(CATEGORIES.items()):
-        write_adapter(base, processor, directory, task, cats, strategy=strategy, seed=seed)
-    write_adapter(base, processor, directory, "full", ["boat"], strategy="finetune", seed=9)
-    return directory
-
-
-def tenancy() -> Tenancy:
-    return Tenancy.from_dict({
-        "tenants": [{"name": "team-a", "key_sha256": hash_key(KEYS["team-a"]), "tasks": ["alpha", "gamma", "full"]},
-                    {"name": "team-b", "key_sha256": hash_key(KEYS["team-b"]), "tasks": ["beta", "delta", "new-*"]}],
-        "admins": [{"name": "ops", "key_sha256": hash_key(KEYS["ops"])}]})
-
-
-def auth(who: str) -> dict:
-    return {"Authorization": f"Bearer {KEYS[who]}"}
-
-
-def make_engine(directory, **config) -> MultiTenantEngine:
-    config = {"max_pixels": 4_000_000, **config}
-    return MultiTenantEngine(tiny_base(), directory, EngineConfig(**config))
-
-
-@pytest.fixture()
-def client(adapters_dir):
-    engine = make_engine(adapters_dir, batch_window_ms=2.0)
-    app = serve_engine(engine, tenancy(), HTTPLimits(max_body_bytes=300_000, max_upload_bytes=200_000))
-    with TestClient(app) as c:
-        c.engine = engine
-        yield c
-
-
-def detect(client, task, who="team-a", image=None, **fields):
-    files = {"image": ("x.png", image if image is not None else image_bytes(96, 64), "image/png")}
-    data = {"threshold": "0.0", **{k: str(v) for k, v in fields.items()}}
-    return client.post(f"/v1/tasks/{task}/detect", files=files, data=data, headers=auth(who))
-
-
-def assert_same(batched, single, tol=1e-4):
-    assert batched.task == single.task and batched.adapter_version == single.adapter_version
-    assert len(batched.detections) == len(single.detections) > 0
-    for b, s in zip(batched.detections, single.detections):
-        assert b["category"] == s["category"]
-        assert b["score"] == pytest.approx(s["score"], abs=tol)
-        assert b["bbox"] == pytest.approx(s["bbox"], abs=1e-3)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ the engine

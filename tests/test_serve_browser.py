@@ -12,11 +12,12 @@ from adapt.adapter import save_adapter  # noqa: E402
 from adapt.serve.app import HTTPLimits, serve_engine  # noqa: E402
 from adapt.serve.testing import (chromium_path, drop_image, image_bytes, make_adapter, serve_in_thread,  # noqa: E402
                                  tiny_base)
-from tests.test_serve import KEYS, adapters_dir, make_engine, one_thread, processor, tenancy  # noqa: E402,F401
+from tests._serve_helpers import KEYS, make_engine, tenancy  # noqa: E402
 
 CHROMIUM = chromium_path()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary found (apt-get install -y chromium; "
-                                                         ".ci/run installs it)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary found (apt-get install -y chromium; "
+                                                          ".ci/run installs it)"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture()

@@ -14,7 +14,9 @@ from adapt.adapter import AdapterError, save_adapter  # noqa: E402
 from adapt.serve.engine import AdapterFailed, DetectParams  # noqa: E402
 from adapt.serve.pool import AdapterQuarantined  # noqa: E402
 from adapt.serve.testing import FAULTY_KINDS, faulty_adapter_bytes, image_bytes, make_adapter, tiny_base  # noqa: E402
-from tests.test_serve import adapters_dir, auth, client, detect, make_engine, one_thread, processor  # noqa: E402,F401
+from tests._serve_helpers import auth, detect, make_engine  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextlib.contextmanager
@@ -216,7 +218,6 @@ def test_unmerged_lora_equals_the_merged_weights(tmp_path, processor):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_one_serve_batch_on_cuda(adapters_dir):
     cpu = make_engine(adapters_dir, device="cpu")
     gpu = make_engine(adapters_dir, device="cuda")

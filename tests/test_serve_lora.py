@@ -16,7 +16,8 @@ from adapt.serve.testing import image_bytes, make_adapter, tiny_base
 from adapt.strategies import LORA_DEFAULT_TARGETS, LoRA
 from backbone.model import GLIP
 from backbone.processor import GLIPProcessor
-from tests.test_serve import one_thread, processor  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The projections LORA_DEFAULT_TARGETS names, one group per kind (both fusion layers of the tiny base).
 TARGET_GROUPS = ("v_proj", "l_proj", "values_v_proj", "values_l_proj", "out_v_proj", "out_l_proj",

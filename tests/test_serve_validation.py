@@ -18,7 +18,9 @@ from adapt.adapter import (LORA_UPDATE_FACTOR, PROMPT_NORM_FACTOR, AdapterError,
 from adapt.serve.engine import AdapterFailed, DetectParams  # noqa: E402
 from adapt.serve.pool import AdapterQuarantined  # noqa: E402
 from adapt.serve.testing import image_bytes, make_adapter, tiny_base  # noqa: E402
-from tests.test_serve import adapters_dir, auth, client, detect, make_engine, one_thread, processor  # noqa: E402,F401
+from tests._serve_helpers import auth, detect, make_engine  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def adapter_bytes(adapter, **meta_changes) -> bytes:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from adapt.cli_tasks import resolve_data_root, tasks_app
 from tasks import CocoDetection
 from tasks.visualize import contact_sheet, draw_boxes, draw_predictions, label_colour, render_samples
-from tests.test_tasks_coco import write_coco
+from tests._coco_helpers import write_coco
 
 runner = CliRunner()
 

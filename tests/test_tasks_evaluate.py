@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import CocoDetection, detections_to_results, evaluate_detections, save_results, xyxy_to_xywh
+from tasks import detections_to_results, evaluate_detections, save_results, xyxy_to_xywh
 from tasks.evaluate import load_results
-from tests.test_tasks_coco import write_coco
+from tests._coco_helpers import ground_truth_as_predictions
 
 
 def test_xyxy_to_xywh_for_lists_arrays_and_tensors():
@@ -18,25 +18,6 @@ def test_xyxy_to_xywh_for_lists_arrays_and_tensors():
     assert out.tolist() == [[10, 20, 20, 40]] and arr.tolist() == [[10, 20, 30, 60]]  # input untouched
     t = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
     assert xyxy_to_xywh(t).tolist() == [[1, 2, 3, 6]] and isinstance(xyxy_to_xywh(t), torch.Tensor)
-
-
-@pytest.fixture
-def split(tmp_path):
-    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16]},
-            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [30, 10, 30, 30]},
-            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0, 0, 40, 40]},
-            {"id": 4, "image_id": 3, "category_id": 1, "bbox": [2, 2, 10, 10]}]
-    ann = write_coco(tmp_path / "s", annotations=anns, sizes=[(64, 48), (64, 48), (32, 32)])
-    return CocoDetection(ann, ann.parent)
-
-
-def ground_truth_as_predictions(ds: CocoDetection) -> list[dict]:
-    results = []
-    for image_id in ds.image_ids:
-        t = ds.target(image_id)
-        results += detections_to_results(image_id, t["boxes"], torch.ones(len(t["labels"])), t["labels"],
-                                         ds.label_to_cat_id)
-    return results
 
 
 def test_ground_truth_as_predictions_gives_ap_100(split, capsys):

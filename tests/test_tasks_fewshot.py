@@ -7,7 +7,7 @@ import pytest
 
 from tasks import CocoDetection, sample_few_shot
 from tasks.fewshot import stable_shuffle
-from tests.test_tasks_coco import write_coco
+from tests._coco_helpers import write_coco
 
 CATS = [{"id": 1, "name": "fish"}, {"id": 2, "name": "shark"}, {"id": 3, "name": "crab"}]
 

@@ -8,7 +8,7 @@ import pytest
 import tasks
 from tasks import Category, DataNotFoundError, Task, UnknownTaskError, build_prompt, get_task, list_tasks
 from tasks.odinw import ODINW13, ODINW35
-from tests.test_tasks_coco import write_coco
+from tests._coco_helpers import write_coco
 
 ODINW13_PAPER = {"pascal-voc", "aerial-maritime-drone", "aquarium", "cottontail-rabbits", "egohands",
                  "north-america-mushrooms", "packages", "raccoon", "shellfish-open-images", "vehicles-open-images",

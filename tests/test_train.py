@@ -220,7 +220,6 @@ def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_with_grad_scaler_on_cuda(tmp_path):
     model = make_model()
     result = Trainer(model, make_config(tmp_path, dtype="float16", device="cuda", max_steps=60), loss_fn, ToyData()).fit()
@@ -313,25 +312,45 @@ def test_empty_or_too_small_or_unsized_dataset_is_a_clear_error(tmp_path):
 
 
 def test_images_of_different_sizes_in_one_batch(tmp_path):
+    """Images of different sizes reach loss_fn as the dataset gave them (no padding, no resizing, each with its own
+    boxes), and each step's gradient is the mean of every image's own gradient, computed here image by image."""
     class Images(torch.utils.data.Dataset):
         def __len__(self):
             return 6
 
         def __getitem__(self, i):
-            return {"image": torch.rand(3, 8 + 4 * i, 12 - i), "boxes": torch.zeros(i % 2, 4)}
+            image = torch.rand(3, 8 + 4 * i, 12 - i, generator=torch.Generator().manual_seed(i))
+            return {"image": image, "boxes": torch.zeros(i % 2, 4), "idx": i}
 
     model = nn.Conv2d(3, 1, 3)
+    calls, grads = [], []  # per loss_fn call: (indices, images, boxes, parameters); per backward: name -> grad
+    for name, param in model.named_parameters():
+        param.register_hook(lambda grad, name=name: grads.append((name, grad.clone())))
 
     def per_image_loss(model, batch):
-        return {"loss": torch.stack([model(img[None]).mean() ** 2 for img in batch["images"]]).mean(),
-                "boxes": float(sum(len(b) for b in batch["boxes"]))}
+        calls.append((batch["idx"], [img.clone() for img in batch["images"]], batch["boxes"],
+                      {n: p.detach().clone() for n, p in model.named_parameters()}))
+        return {"loss": torch.stack([model(img[None]).mean() ** 2 for img in batch["images"]]).mean()}
 
-    def collate(items):
-        return {"images": [it["image"] for it in items], "boxes": [it["boxes"] for it in items]}
+    def collate(items):  # lists, not stacked tensors: the sizes differ
+        return {"images": [it["image"] for it in items], "boxes": [it["boxes"] for it in items],
+                "idx": [it["idx"] for it in items]}
 
     result = Trainer(model, make_config(tmp_path, batch_size=3, max_steps=4), per_image_loss, Images(),
                      collate_fn=collate).fit()
-    assert result.updates == 4
+    assert result.updates == 4 and len(calls) == 4 and len(grads) == 8
+    data = Images()
+    for step, (indices, images, boxes, params) in enumerate(calls):
+        assert len({tuple(img.shape) for img in images}) == len(images) == 3  # three sizes in one batch
+        for index, img, box in zip(indices, images, boxes):
+            assert torch.equal(img, data[index]["image"]) and box.shape == (index % 2, 4)
+        single = nn.Conv2d(3, 1, 3)
+        single.load_state_dict(params)
+        for img in images:  # the mean over the batch, one image at a time
+            (single(img[None]).mean() ** 2 / len(images)).backward()
+        step_grads = dict(grads[2 * step: 2 * step + 2])
+        for name, param in single.named_parameters():
+            torch.testing.assert_close(step_grads[name], param.grad, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------- eval, logs, progress

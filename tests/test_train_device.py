@@ -36,7 +36,6 @@ from backbone.processor import GLIPProcessor
 
 CUDA = torch.device("cuda")
 REPO = Path(__file__).resolve().parents[1]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def tiny_glip(fusion: bool = True) -> GLIP:
@@ -85,21 +84,31 @@ def assert_on_cuda(outputs: HeadOutputs) -> None:
 
 
 def fake_cuda_step(model, batch, loss_fn, steps: int = 1) -> list[dict]:
-    """The Trainer's step on fake CUDA: move the model and the CPU batch, forward, loss; autograd graph built."""
-    results = []
-    with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True):
-        model.to(CUDA)
-        for _ in range(steps):
-            on_device = move_to_device(batch, CUDA)
-            assert on_device.pixel_values.device.type == "cuda"
-            assert all(t.boxes.device.type == "cuda" for t in on_device.targets)
-            outputs = model(on_device)
-            losses = grounding_loss(model.glip.config)(outputs, on_device.targets)
-            assert_on_cuda(outputs)
-            assert all(v.device.type == "cuda" for v in losses.values())
-            assert losses["loss"].requires_grad and losses["loss"].grad_fn is not None
-            results.append(losses)
+    """The Trainer's step on fake CUDA: move the model and the CPU batch, then `loss_fn(model, batch)` as the
+    Trainer calls it; the forward's outputs (caught by a hook), the losses and the autograd graph are on CUDA."""
+    results, forwards = [], []
+    hook = model.register_forward_hook(lambda module, args, outputs: forwards.append(outputs))
+    try:
+        with FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True):
+            model.to(CUDA)
+            for _ in range(steps):
+                on_device = move_to_device(batch, CUDA)
+                assert on_device.pixel_values.device.type == "cuda"
+                assert all(t.boxes.device.type == "cuda" for t in on_device.targets)
+                losses = loss_fn(model, on_device)
+                assert len(forwards) == 1, "loss_fn must run the model's forward once"
+                assert_on_cuda(forwards.pop())
+                assert all(v.device.type == "cuda" for v in losses.values())
+                assert losses["loss"].requires_grad and losses["loss"].grad_fn is not None
+                results.append(losses)
+    finally:
+        hook.remove()
     return results
+
+
+def training_loss_fn(model):
+    """The loss_fn tune and pretrain give the Trainer: GLIP's objective with the model's box coder."""
+    return grounding_loss_fn(grounding_loss(model.glip.config))
 
 
 # ------------------------------------------------------------------------------------------- fake CUDA
@@ -109,14 +118,14 @@ def fake_cuda_step(model, batch, loss_fn, steps: int = 1) -> list[dict]:
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_each_strategy_step_runs_on_fake_cuda(strategy, fusion):
     model, processor, prompt = build(strategy, tiny_glip(fusion))
-    fake_cuda_step(model, adaptation_batch(processor, prompt), grounding_loss_fn())
+    fake_cuda_step(model, adaptation_batch(processor, prompt), training_loss_fn(model))
 
 
 def test_cached_features_live_on_the_model_device_and_hit_on_fake_cuda():
     model, processor, prompt = build("prompt-tune", tiny_glip(fusion=False))
     cache = FeatureCache()
     model.use_feature_cache(cache)
-    fake_cuda_step(model, adaptation_batch(processor, prompt), grounding_loss_fn(), steps=2)
+    fake_cuda_step(model, adaptation_batch(processor, prompt), training_loss_fn(model), steps=2)
     assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 2
     assert all(level.device.type == "cuda" for levels in cache.memory.values() for level in levels)
 
@@ -126,7 +135,8 @@ def test_pretraining_step_runs_on_fake_cuda(fusion):
     glip = tiny_glip(fusion)
     batch = pretraining_batch(GLIPProcessor.from_config(glip.config))
     assert batch.attention_mask.shape[0] == 2 and not bool(batch.attention_mask.all())  # real padding
-    fake_cuda_step(GroundingModel(glip).train(), batch, grounding_loss_fn())
+    model = GroundingModel(glip).train()
+    fake_cuda_step(model, batch, training_loss_fn(model))
 
 
 def test_grounding_loss_runs_on_fake_cuda_with_symbolic_positives():
@@ -195,7 +205,6 @@ def test_float16_and_unknown_dtypes_are_refused_on_cpu(tmp_path):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_each_strategy_trains_a_step_on_cuda(tmp_path, strategy, dtype):
@@ -212,7 +221,6 @@ def test_each_strategy_trains_a_step_on_cuda(tmp_path, strategy, dtype):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_tune_adapter_predict_on_cuda(tmp_path):
     from adapt.predict import AdapterDetector
     from adapt.tune import TuneConfig, tune
