@@ -83,6 +83,11 @@ def test_defaults_and_flags_reach_the_config_unchanged(parse):
     assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets) == (4, 2.5, 0.1, r".*v_proj")
     assert config.scales == (0.5, 1.0) and config.cache_features is False
     assert config.trainer == {"grad_clip": None, "grad_accumulation": 2, "milestones": (3, 5)}
+    from adapt.tune import train_config_for
+
+    engine = train_config_for(config, Path("run"), num_samples=8, has_valid=False)  # what the Trainer gets
+    assert (engine.grad_clip, engine.grad_accumulation, engine.milestones) == (None, 2, (3, 5))
+    assert engine.warmup_steps == train_config_for(parse("lora", "--task", TASK), Path("run"), 8, False).warmup_steps
 
 
 def test_lora_options_build_the_lora_they_name(parse):
