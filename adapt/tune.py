@@ -18,7 +18,7 @@ import torch
 
 from glip_io import check_writable
 from adapt import STRATEGY_NAMES, get_strategy
-from adapt.adapter import Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
+from adapt.adapter import MAX_LORA_SCALE, Adapter, base_fingerprint, resolve_prompt_dtype, save_adapter
 from adapt.cache import FeatureCache
 from adapt.cli_config import config_dict, write_config
 from adapt.evaluation import EvalResult, evaluate, task_prompt
@@ -92,6 +92,11 @@ class TuneConfig:
         if self.resume and self.run_dir is None:
             raise ValueError("resume needs the run folder of the earlier run: pass run_dir (--run-dir DIR)")
         check_overrides(self.trainer, "TuneConfig")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r={self.lora_r} must be >= 1; pass a positive rank")
+        if abs(self.lora_alpha / self.lora_r) > MAX_LORA_SCALE:  # adapter files refuse such a scale: fail before training
+            raise ValueError(f"lora_alpha / lora_r = {self.lora_alpha / self.lora_r:g} is beyond ±{MAX_LORA_SCALE:g}, "
+                             f"which adapter files refuse; pass lora_alpha <= {MAX_LORA_SCALE:g} x lora_r")
 
 
 @dataclass(frozen=True, kw_only=True)
