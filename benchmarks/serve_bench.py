@@ -96,7 +96,7 @@ def prepare_workdir(args) -> dict:
 
     from adapt.adapter import save_adapter
     from adapt.serve.tenancy import hash_key
-    from adapt.serve.testing import image_bytes, make_adapter
+    from adapt.serve.testing import image_bytes, random_adapter
 
     work = Path(args.workdir)
     adapters = work / "adapters"
@@ -110,12 +110,12 @@ def prepare_workdir(args) -> dict:
         cats = tenant_categories(i)
         path = adapters / f"{task}.safetensors"
         if not path.exists():
-            save_adapter(make_adapter(base, processor, task, cats, seed=i), path)
+            save_adapter(random_adapter(base, processor, task, cats, seed=i), path)
         tenants.append({"task": task, "key": f"key-{task}", "categories": cats})
     for strategy in ("lora", "linear-probe"):
         path = adapters / f"{strategy}-task.safetensors"
         if not path.exists():
-            save_adapter(make_adapter(base, processor, f"{strategy}-task", ["fish", "shark"], strategy=strategy),
+            save_adapter(random_adapter(base, processor, f"{strategy}-task", ["fish", "shark"], strategy=strategy),
                          path)
     # 1,000 registered prompt adapters for the memory figures: the 100 prompts with new offsets (no BERT run).
     rss_dirs = {}
@@ -458,7 +458,7 @@ def section_lora(args, plan=None) -> dict:
 
     from adapt.adapter import load_adapter, save_adapter, weight_overrides
     from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine, _select
-    from adapt.serve.testing import image_bytes, make_adapter
+    from adapt.serve.testing import image_bytes, random_adapter
     from adapt.strategies import LORA_DEFAULT_TARGETS
 
     if args.threads:
@@ -475,7 +475,7 @@ def section_lora(args, plan=None) -> dict:
             continue
         # One category list for all: the tenants differ only in their LoRA factors (and P0 offset), so prompt
         # length and the number of candidates to post-process do not differ between the mixed and the single batch.
-        adapter = make_adapter(base, processor, f"lora-{i}", tenant_categories(0), strategy="lora", seed=i)
+        adapter = random_adapter(base, processor, f"lora-{i}", tenant_categories(0), strategy="lora", seed=i)
         g = torch.Generator().manual_seed(100 + i)
         adapter.lora = {}
         for name, m in linear.items():
@@ -780,7 +780,7 @@ def section_fair(args, plan=None) -> dict:
     from adapt.adapter import save_adapter
     from adapt.serve.engine import EngineConfig
     from adapt.serve.tenancy import hash_key
-    from adapt.serve.testing import heaviest_adapter, image_bytes, make_adapter
+    from adapt.serve.testing import heaviest_adapter, image_bytes, random_adapter
 
     work = Path(args.workdir, "fair")
     adapters = work / "adapters"
@@ -790,7 +790,7 @@ def section_fair(args, plan=None) -> dict:
     bounds = EngineConfig()  # the server's defaults: queues, deadline and the per-adapter cost bounds
     a = {"task": "tenant-a", "key": "key-tenant-a"}
     b = {"task": "tenant-b", "key": "key-tenant-b"}
-    save_adapter(make_adapter(base, processor, a["task"], ["fish", "shark", "penguin"], seed=1),
+    save_adapter(random_adapter(base, processor, a["task"], ["fish", "shark", "penguin"], seed=1),
                  adapters / f"{a['task']}.safetensors")
     heavy = heaviest_adapter(base, processor, b["task"], rank=bounds.max_lora_rank, max_tokens=bounds.max_prompt_tokens,
                              seed=2)

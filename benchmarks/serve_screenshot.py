@@ -26,7 +26,7 @@ def main() -> None:
     from adapt.serve.app import serve_engine
     from adapt.serve.engine import EngineConfig, MultiTenantEngine
     from adapt.serve.tenancy import Tenancy, hash_key
-    from adapt.serve.testing import chromium_path, drop_image, make_adapter, serve_in_thread
+    from adapt.serve.testing import chromium_path, drop_image, random_adapter, serve_in_thread
     from backbone.model import GLIP
     from backbone.processor import GLIPProcessor
     from tasks import get_task
@@ -36,7 +36,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="serve-shot-"))
     base = GLIP.from_pretrained(args.base).eval()
     processor = GLIPProcessor.from_config(base.config)
-    save_adapter(make_adapter(base, processor, task.name, task.category_names, offset=0.0),
+    save_adapter(random_adapter(base, processor, task.name, task.category_names, offset=0.0),
                  folder / f"{task.name}.safetensors")
     engine = MultiTenantEngine(GLIP.from_pretrained(args.base), folder, EngineConfig())
     tenancy = Tenancy.from_dict({"tenants": [], "admins": [{"name": "ops", "key_sha256": hash_key("admin-key")}]})

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from adapt.serve.testing import faulty_adapter_bytes, image_bytes, make_adapter, tiny_base
+from adapt.serve.testing import faulty_adapter_bytes, image_bytes, random_adapter, tiny_base
 from backbone.processor import GLIPProcessor
 
 
@@ -41,7 +41,7 @@ def files(tmp_path_factory):
     (root / "ok.png").write_bytes(image_bytes())
     for kind in ("p0_batch_2", "unnamed_category", "wrong_width"):
         (root / f"{kind}.safetensors").write_bytes(faulty_adapter_bytes(base, processor, kind))
-    save_adapter(make_adapter(tiny_base(seed=1), processor, "other", ["cat"]), root / "other.safetensors")
+    save_adapter(random_adapter(tiny_base(seed=1), processor, "other", ["cat"]), root / "other.safetensors")
     return root
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from adapt.adapter import save_adapter
-from adapt.serve.testing import image_bytes, make_adapter, tiny_base
+from adapt.serve.testing import image_bytes, random_adapter, tiny_base
 from backbone.checkpoints import save_model
 from backbone.processor import GLIPProcessor
 from tests._coco_helpers import write_coco
@@ -166,7 +166,7 @@ def files(tmp_path_factory):
     base = tiny_base()
     save_model(base, root / "tiny.safetensors")
     save_model(tiny_base(seed=1), root / "other.safetensors")
-    adapter = make_adapter(base, GLIPProcessor.from_config(base.config), "fish-task", CATEGORIES)
+    adapter = random_adapter(base, GLIPProcessor.from_config(base.config), "fish-task", CATEGORIES)
     adapter.base_model = str(root / "tiny.safetensors")
     adapter.training = {"shots": 10, "seed": 3, "steps": 120, "lr": 0.01, "batch_size": 4}
     adapter.evaluation = {"zero_shot": {"AP": 4.5, "AP50": 9.25}, "tuned": {"AP": 21.5, "AP50": 40.75}}

@@ -16,7 +16,7 @@ from adapt.serve.engine import DetectParams  # noqa: E402
 from adapt.serve.pool import InvalidAdapterName, validate_name  # noqa: E402
 from adapt.serve.schemas import DetectResponse  # noqa: E402
 from adapt.serve.tenancy import Tenancy  # noqa: E402
-from adapt.serve.testing import bomb_bytes, image_bytes, make_adapter, tiny_base, write_adapter  # noqa: E402
+from adapt.serve.testing import bomb_bytes, image_bytes, random_adapter, tiny_base, write_adapter  # noqa: E402
 from tests._serve_helpers import CATEGORIES, KEYS, assert_same, auth, detect, make_engine, tenancy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +100,7 @@ def test_uploads_while_serving_never_break_the_task(tmp_path, processor):
     base = tiny_base()
     good = []
     for seed in (1, 2):
-        path = save_adapter(make_adapter(base, processor, "task", ["cat", "dog"], seed=seed), tmp_path / f"{seed}.st")
+        path = save_adapter(random_adapter(base, processor, "task", ["cat", "dog"], seed=seed), tmp_path / f"{seed}.st")
         good.append(path.read_bytes())
     engine = make_engine(tmp_path / "served")
     versions = {engine.pool.put("task", data).version for data in good}
@@ -286,13 +286,13 @@ def test_request_deadline_answers_504(adapters_dir):
 def test_upload_is_verified_and_replaces_atomically(client, processor, adapters_dir, tmp_path):
     base = tiny_base()
     path = tmp_path / "up.safetensors"
-    save_adapter(make_adapter(base, processor, "new-task", ["kite"], seed=5), path)
+    save_adapter(random_adapter(base, processor, "new-task", ["kite"], seed=5), path)
     first = client.put("/v1/adapters/new-task", content=path.read_bytes(), headers=auth("ops"))
     assert first.status_code == 201 and first.json()["replaced"] is False
     v1 = first.json()["adapter_version"]
     served = detect(client, "new-task", who="team-b")
     assert served.status_code == 200 and served.json()["adapter_version"] == v1
-    save_adapter(make_adapter(base, processor, "new-task", ["kite", "balloon"], seed=6), path)
+    save_adapter(random_adapter(base, processor, "new-task", ["kite", "balloon"], seed=6), path)
     second = client.put("/v1/adapters/new-task", files={"adapter": path.read_bytes()}, headers=auth("ops"))
     assert second.status_code == 200 and second.json()["replaced"] is True and second.json()["adapter_version"] != v1
     v2 = second.json()["adapter_version"]
@@ -300,7 +300,7 @@ def test_upload_is_verified_and_replaces_atomically(client, processor, adapters_
 
     torch.manual_seed(1)
     other_base = tiny_base(seed=1)  # a different base: wrong fingerprint
-    save_adapter(make_adapter(other_base, processor, "new-task", ["kite"]), tmp_path / "foreign.safetensors")
+    save_adapter(random_adapter(other_base, processor, "new-task", ["kite"]), tmp_path / "foreign.safetensors")
     bad_uploads = {
         "garbage": (b"this is not safetensors at all", 422, "invalid_adapter"),
         "truncated": (stored[: len(stored) // 2], 422, "invalid_adapter"),

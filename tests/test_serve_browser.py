@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 
 from adapt.adapter import save_adapter  # noqa: E402
 from adapt.serve.app import HTTPLimits, serve_engine  # noqa: E402
-from adapt.serve.testing import (chromium_path, drop_image, image_bytes, make_adapter, serve_in_thread,  # noqa: E402
+from adapt.serve.testing import (chromium_path, drop_image, image_bytes, random_adapter, serve_in_thread,  # noqa: E402
                                  tiny_base)
 from tests._serve_helpers import KEYS, make_engine, tenancy  # noqa: E402
 
@@ -81,7 +81,8 @@ def test_admin_sees_versions_and_uploads(server, page, processor, tmp_path):
     by_name = {row[0]: row for row in rows}
     assert by_name["alpha"][1] != "-" and len(by_name["alpha"][1]) == 16 and by_name["alpha"][3] == "ok"
     assert by_name["full"][3] == "refused"  # a full fine-tune cannot be served
-    path = save_adapter(make_adapter(tiny_base(), processor, "new-kite", ["kite"], seed=8), tmp_path / "kite.safetensors")
+    path = save_adapter(random_adapter(tiny_base(), processor, "new-kite", ["kite"], seed=8),
+                        tmp_path / "kite.safetensors")
     page.fill("#upload-name", "new-kite")
     page.set_input_files("#upload-file", str(path))
     page.click("#upload")

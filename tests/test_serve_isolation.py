@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from adapt.adapter import AdapterError, save_adapter  # noqa: E402
 from adapt.serve.engine import AdapterFailed, DetectParams  # noqa: E402
 from adapt.serve.pool import AdapterQuarantined  # noqa: E402
-from adapt.serve.testing import FAULTY_KINDS, faulty_adapter_bytes, image_bytes, make_adapter, tiny_base  # noqa: E402
+from adapt.serve.testing import FAULTY_KINDS, faulty_adapter_bytes, image_bytes, random_adapter, tiny_base  # noqa: E402
 from tests._serve_helpers import auth, detect, make_engine  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,7 +101,7 @@ def test_a_failing_batch_is_retried_per_adapter_and_the_faulty_one_is_quarantine
     assert "quarantined" in str(results[0])
     [refused] = engine.run([("alpha", image, params)])
     assert isinstance(refused, AdapterQuarantined) and "upload a new version" in str(refused)
-    good = save_adapter(make_adapter(tiny_base(), processor, "alpha", ["cat", "dog"], seed=11),
+    good = save_adapter(random_adapter(tiny_base(), processor, "alpha", ["cat", "dog"], seed=11),
                         adapters_dir.parent / "alpha-v2.safetensors").read_bytes()
     original = (adapters_dir / "alpha.safetensors").read_bytes()
     try:
@@ -173,9 +173,9 @@ def test_lora_is_served_unmerged_and_batched_equals_single(tmp_path, processor):
     base = tiny_base()
     tasks = [f"lora-{i}" for i in range(3)]
     for i, task in enumerate(tasks):
-        save_adapter(make_adapter(base, processor, task, ["shark", "whale", "fish"][: i + 1], strategy="lora",
+        save_adapter(random_adapter(base, processor, task, ["shark", "whale", "fish"][: i + 1], strategy="lora",
                                   seed=20 + i), tmp_path / f"{task}.safetensors")
-    save_adapter(make_adapter(base, processor, "prompt", ["cat"], seed=30), tmp_path / "prompt.safetensors")
+    save_adapter(random_adapter(base, processor, "prompt", ["cat"], seed=30), tmp_path / "prompt.safetensors")
     engine = make_engine(tmp_path)
     entry = engine.pool.get("lora-0")
     assert entry.overrides == {} and entry.lora is not None  # no dense weight copy
@@ -199,7 +199,7 @@ def test_unmerged_lora_equals_the_merged_weights(tmp_path, processor):
     from adapt.adapter import apply_adapter, load_adapter
 
     base = tiny_base()
-    path = save_adapter(make_adapter(base, processor, "lora", ["shark", "whale"], strategy="lora", seed=4),
+    path = save_adapter(random_adapter(base, processor, "lora", ["shark", "whale"], strategy="lora", seed=4),
                         tmp_path / "lora.safetensors")
     engine = make_engine(tmp_path)
     image = engine.prepare(image_bytes(96, 64))

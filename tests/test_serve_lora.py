@@ -12,7 +12,7 @@ from torch import nn
 from adapt.adapter import load_adapter, save_adapter
 from adapt.predict import AdapterDetector
 from adapt.serve.engine import DetectParams, EngineConfig, MultiTenantEngine
-from adapt.serve.testing import image_bytes, make_adapter, tiny_base
+from adapt.serve.testing import image_bytes, random_adapter, tiny_base
 from adapt.strategies import LORA_DEFAULT_TARGETS, LoRA
 from backbone.model import GLIP
 from backbone.processor import GLIPProcessor
@@ -31,7 +31,7 @@ def lora_targets(base: GLIP, pattern: str) -> list[str]:
 
 def lora_adapter(base, processor, task, categories, targets, *, rank=4, sigma=0.3, alpha=4.0, seed=0):
     """A prompt adapter plus random rank-`rank` LoRA factors (entries N(0, sigma^2)) on `targets`."""
-    adapter = make_adapter(base, processor, task, categories, seed=seed)
+    adapter = random_adapter(base, processor, task, categories, seed=seed)
     generator = torch.Generator().manual_seed(seed + 100)
     state = base.state_dict()
     adapter.strategy = "lora"
@@ -103,7 +103,7 @@ def test_each_default_target_group_is_served_as_trained(tmp_path, processor, gro
     assert targets and all(re.fullmatch(LORA_DEFAULT_TARGETS, t) for t in targets)
     adapter = lora_adapter(base, processor, "lora", ["shark", "whale"], targets, seed=3)
     path = save_adapter(adapter, tmp_path / "lora.safetensors")
-    prompt_only = make_adapter(base, processor, "prompt", ["shark", "whale"], seed=3)  # the same P0, no LoRA
+    prompt_only = random_adapter(base, processor, "prompt", ["shark", "whale"], seed=3)  # the same P0, no LoRA
     save_adapter(prompt_only, tmp_path / "prompt.safetensors")
     data = image_bytes(96, 64, seed=1)
     with_lora, without = served(make_engine(tmp_path), [("lora", data), ("prompt", data)])
@@ -121,8 +121,8 @@ def test_mixed_batch_of_lora_prompt_and_linear_probe_tenants_matches_predict(tmp
     adapters = {
         "lora-all": lora_adapter(base, processor, "lora-all", ["shark", "whale"], every, sigma=0.2, seed=1),
         "lora-visual": lora_adapter(base, processor, "lora-visual", ["fish"], visual, seed=2),
-        "prompt": make_adapter(base, processor, "prompt", ["cat", "dog", "bird"], seed=3),
-        "probe": make_adapter(base, processor, "probe", ["car"], strategy="linear-probe", seed=4),
+        "prompt": random_adapter(base, processor, "prompt", ["cat", "dog", "bird"], seed=3),
+        "probe": random_adapter(base, processor, "probe", ["car"], strategy="linear-probe", seed=4),
     }
     paths = {task: save_adapter(a, tmp_path / f"{task}.safetensors") for task, a in adapters.items()}
     images = [image_bytes(96, 64, seed=5), image_bytes(64, 96, seed=6)]
@@ -145,7 +145,8 @@ def test_issue_reproduction_lora_on_the_visual_projections_of_glip_nano(tmp_path
     # alpha/r = 0.5 keeps each update (~5x its weight's norm here) inside the server's 10x bound
     adapter = lora_adapter(base, processor, "nano-lora", categories, targets, rank=4, sigma=0.5, alpha=2.0, seed=7)
     path = save_adapter(adapter, tmp_path / "nano-lora.safetensors")
-    save_adapter(make_adapter(base, processor, "nano-prompt", categories, seed=7), tmp_path / "nano-prompt.safetensors")
+    save_adapter(random_adapter(base, processor, "nano-prompt", categories, seed=7),
+                 tmp_path / "nano-prompt.safetensors")
     data = image_bytes(320, 240, seed=8)
     engine = MultiTenantEngine(base, tmp_path, EngineConfig(max_pixels=4_000_000))
     with_lora, prompt_only = served(engine, [("nano-lora", data), ("nano-prompt", data)])

@@ -17,7 +17,7 @@ from adapt.adapter import (LORA_UPDATE_FACTOR, PROMPT_NORM_FACTOR, AdapterError,
                            load_adapter, save_adapter)
 from adapt.serve.engine import AdapterFailed, DetectParams  # noqa: E402
 from adapt.serve.pool import AdapterQuarantined  # noqa: E402
-from adapt.serve.testing import image_bytes, make_adapter, tiny_base  # noqa: E402
+from adapt.serve.testing import image_bytes, random_adapter, tiny_base  # noqa: E402
 from tests._serve_helpers import auth, detect, make_engine  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +32,7 @@ def lora(base, processor, task="lora", *, rank=4, alpha=4.0, update_ratio=None,
          module="head.dot_product_projection_text"):
     """A LoRA adapter on one module; with `update_ratio`, its update scale·B·A has exactly that multiple of the
     weight's Frobenius norm."""
-    adapter = make_adapter(base, processor, task, ["cat", "dog"], strategy="lora", seed=5)
+    adapter = random_adapter(base, processor, task, ["cat", "dog"], strategy="lora", seed=5)
     weight = base.state_dict()[f"{module}.weight"]
     generator = torch.Generator().manual_seed(1)
     down = torch.randn(rank, weight.shape[1], generator=generator)
@@ -66,7 +66,7 @@ def assert_refused_and_old_version_served(client, adapters_dir, data, needle, na
 
 
 def test_lone_surrogate_category_is_refused_and_everything_keeps_working(client, processor, adapters_dir):
-    adapter = make_adapter(tiny_base(), processor, "alpha", ["cat", "dog"], seed=1)
+    adapter = random_adapter(tiny_base(), processor, "alpha", ["cat", "dog"], seed=1)
     categories = json.dumps([{"name": "\ud800fish", "prefix": "", "suffix": ""}, {"name": "dog"}])
     assert "\\ud800" in categories  # ASCII JSON with a lone-surrogate escape, as a crafted upload carries it
     message = assert_refused_and_old_version_served(client, adapters_dir, adapter_bytes(adapter, categories=categories),
@@ -82,13 +82,13 @@ def test_lone_surrogate_category_is_refused_and_everything_keeps_working(client,
     ("training", json.dumps({"note": "\udfff"})),
 ])
 def test_control_characters_and_surrogates_anywhere_are_refused(client, processor, adapters_dir, field, value):
-    adapter = make_adapter(tiny_base(), processor, "alpha", ["cat", "dog"], seed=1)
+    adapter = random_adapter(tiny_base(), processor, "alpha", ["cat", "dog"], seed=1)
     assert_refused_and_old_version_served(client, adapters_dir, adapter_bytes(adapter, **{field: value}), "not text")
 
 
 def test_free_text_records_may_hold_line_breaks_and_any_language(tmp_path, processor):
     base = tiny_base()
-    adapter = make_adapter(base, processor, "t", ["poisson", "鯨"], seed=1)
+    adapter = random_adapter(base, processor, "t", ["poisson", "鯨"], seed=1)
     adapter.training = {"notes": "line 1\nline 2\tend", "by": "José 🐟"}
     path = save_adapter(adapter, tmp_path / "t.safetensors")
     loaded = load_adapter(path, base=base)
@@ -113,7 +113,7 @@ def test_p0_bound_covers_every_prompt_the_base_produces(processor):
 
 def test_p0_of_1e38_and_lora_alpha_1e308_are_refused_at_upload(client, processor, adapters_dir):
     base = tiny_base()
-    adapter = make_adapter(base, processor, "alpha", ["cat", "dog"], seed=1)
+    adapter = random_adapter(base, processor, "alpha", ["cat", "dog"], seed=1)
     adapter.prompt = type(adapter.prompt)(torch.full_like(adapter.prompt.hidden, 1e38),
                                           torch.full_like(adapter.prompt.hidden, 1e38), adapter.prompt.mask)
     assert_refused_and_old_version_served(client, adapters_dir, adapter_bytes(adapter), "P0 has a token of norm")
@@ -132,9 +132,9 @@ def test_bounds_accept_what_training_produces_and_refuse_beyond(tmp_path, proces
         except AdapterError as error:
             return str(error)
 
-    tuned = make_adapter(base, processor, "p", ["cat", "dog"], seed=1, offset=3.0)  # a large prompt-tuning offset
+    tuned = random_adapter(base, processor, "p", ["cat", "dog"], seed=1, offset=3.0)  # a large prompt-tuning offset
     assert loads(tuned) is True
-    far = make_adapter(base, processor, "p", ["cat", "dog"], seed=1)
+    far = random_adapter(base, processor, "p", ["cat", "dog"], seed=1)
     far.prompt = type(far.prompt)(far.prompt.hidden * 2 * PROMPT_NORM_FACTOR, far.prompt.embedded, far.prompt.mask)
     assert "over this base's bound" in loads(far)
     assert loads(lora(base, processor, update_ratio=0.95 * LORA_UPDATE_FACTOR)) is True  # up to 10x the weight
@@ -142,7 +142,7 @@ def test_bounds_accept_what_training_produces_and_refuse_beyond(tmp_path, proces
     assert f"over {LORA_UPDATE_FACTOR:g}x the norm" in loads(too_far)
     assert loads(lora(base, processor, rank=8, alpha=1024.0 * 8, update_ratio=1.0)) is True
     assert "alpha/r" in loads(lora(base, processor, rank=8, alpha=1025.0 * 8, update_ratio=1.0))
-    probe = make_adapter(base, processor, "lp", ["cat"], strategy="linear-probe", seed=2)
+    probe = random_adapter(base, processor, "lp", ["cat"], strategy="linear-probe", seed=2)
     probe.weights["head.log_scale"] = base.state_dict()["head.log_scale"] + 5.0  # temperature x e^5: trainable
     assert loads(probe) is True
     probe.weights["head.log_scale"] = torch.full((1,), -1e4)
@@ -154,10 +154,10 @@ def test_bounds_accept_what_training_produces_and_refuse_beyond(tmp_path, proces
 
 def test_server_limits_on_rank_prompt_and_file_size_hold_at_upload_and_in_the_folder(tmp_path, processor):
     base = tiny_base()
-    save_adapter(make_adapter(base, processor, "ok", ["cat"], seed=1), tmp_path / "ok.safetensors")
+    save_adapter(random_adapter(base, processor, "ok", ["cat"], seed=1), tmp_path / "ok.safetensors")
     wide = lora(base, processor, "wide", rank=9, alpha=9.0, update_ratio=1.0)
     save_adapter(wide, tmp_path / "wide.safetensors")
-    long = make_adapter(base, processor, "long", ["cat", "dog", "bird", "fish"], seed=2)
+    long = random_adapter(base, processor, "long", ["cat", "dog", "bird", "fish"], seed=2)
     save_adapter(long, tmp_path / "long.safetensors")
     engine = make_engine(tmp_path, max_lora_rank=8, max_prompt_tokens=long.prompt.length - 1)
     image = engine.prepare(image_bytes(96, 64))
@@ -201,8 +201,8 @@ def test_an_exception_anywhere_in_registration_is_a_refusal_that_keeps_the_old_f
     engine = make_engine(adapters_dir)
     target = adapters_dir / "alpha.safetensors"
     before = target.read_bytes()
-    data = save(make_adapter(tiny_base(), processor, "alpha", ["cat"], seed=3).tensors(),
-                metadata=make_adapter(tiny_base(), processor, "alpha", ["cat"], seed=3).metadata())
+    data = save(random_adapter(tiny_base(), processor, "alpha", ["cat"], seed=3).tensors(),
+                metadata=random_adapter(tiny_base(), processor, "alpha", ["cat"], seed=3).metadata())
     monkeypatch.setattr(pool_module, "_share_embedded", lambda prompt: 1 / 0)
     with pytest.raises(AdapterError, match="'alpha' cannot be used"):
         engine.pool.put("alpha", data)
@@ -248,7 +248,7 @@ def test_a_sparse_2gib_file_in_the_folder_is_refused_without_reading_it(adapters
 def test_a_refused_adapter_keeps_no_reference_to_its_bytes(adapters_dir, processor):
     """A 32 MiB file under the size cap, refused after it was read: its bytes must not outlive the refusal."""
     engine = make_engine(adapters_dir)
-    adapter = make_adapter(tiny_base(), processor, "padded", ["cat"], seed=4)
+    adapter = random_adapter(tiny_base(), processor, "padded", ["cat"], seed=4)
     tensors = {**adapter.tensors(), "payload": torch.zeros(8 * 2**20)}  # an unexpected tensor: refused
     path = adapters_dir / "padded.safetensors"
     path.write_bytes(save(tensors, metadata=adapter.metadata()))

@@ -33,9 +33,10 @@ def tiny_base(seed: int = 0) -> GLIP:
     return model
 
 
-def make_adapter(base: GLIP, processor: GLIPProcessor, task: str, categories: list[str], *,
-                 strategy: str = "prompt-tune", seed: int = 0, offset: float = 0.1) -> Adapter:
-    """An adapter of `strategy` for `categories` on `base` (which must still have its language backbone)."""
+def random_adapter(base: GLIP, processor: GLIPProcessor, task: str, categories: list[str], *,
+                   strategy: str = "prompt-tune", seed: int = 0, offset: float = 0.1) -> Adapter:
+    """An untrained adapter of `strategy` for `categories` on `base`: the base's P0 plus random offsets, and random
+    head weights or LoRA factors where the strategy carries them (`base` must still have its language backbone)."""
     generator = torch.Generator().manual_seed(seed)
     [tokens] = processor.tokenize(categories)
     with torch.no_grad():
@@ -69,7 +70,7 @@ def heaviest_adapter(base: GLIP, processor: GLIPProcessor, task: str, *, rank: i
     while len(chunks := processor.tokenize([f"object {i}" for i in range(count + 1)])) == 1 and \
             chunks[0].input_ids.shape[1] <= max_tokens:
         count += 1
-    adapter = make_adapter(base, processor, task, [f"object {i}" for i in range(count)], strategy="lora", seed=seed)
+    adapter = random_adapter(base, processor, task, [f"object {i}" for i in range(count)], strategy="lora", seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     targets = [name for name, module in base.named_modules()
                if isinstance(module, torch.nn.Linear) and re.fullmatch(LORA_DEFAULT_TARGETS, name)]
@@ -84,7 +85,7 @@ def heaviest_adapter(base: GLIP, processor: GLIPProcessor, task: str, *, rank: i
 
 def write_adapter(base: GLIP, processor: GLIPProcessor, directory: str | Path, task: str, categories: list[str],
                   **kwargs) -> Path:
-    return save_adapter(make_adapter(base, processor, task, categories, **kwargs),
+    return save_adapter(random_adapter(base, processor, task, categories, **kwargs),
                         Path(directory) / f"{task}.safetensors")
 
 
@@ -120,7 +121,7 @@ def faulty_adapter_bytes(base: GLIP, processor: GLIPProcessor, kind: str) -> byt
     from safetensors.torch import save
 
     strategy = "lora" if kind.startswith("lora") else "prompt-tune"
-    adapter = make_adapter(base, processor, f"bad-{kind}", ["cat", "dog"], strategy=strategy, seed=3)
+    adapter = random_adapter(base, processor, f"bad-{kind}", ["cat", "dog"], strategy=strategy, seed=3)
     tensors, meta = adapter.tensors(), adapter.metadata()
     hidden = tensors["prompt.hidden"]
     tokens = json.loads(meta["category_tokens"])
