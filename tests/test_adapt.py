@@ -319,3 +319,9 @@ def test_cli_resume_and_device_options(workspace, tmp_path):
     again = runner.invoke(app, ["linear-probe", *common, "--dtype", "bfloat16", "--run-dir", str(tmp_path / "run"),
                                 "--resume"], env=env)
     assert again.exit_code == 0, again.output
+
+
+def test_lora_scale_that_adapter_files_refuse_is_refused_before_training():
+    with pytest.raises(ValueError, match="adapter files refuse"):
+        TuneConfig(strategy="lora", task=TASK, lora_r=4, lora_alpha=1e308)
+    TuneConfig(strategy="lora", task=TASK, lora_r=4, lora_alpha=4096)  # the largest accepted scale, 1024
