@@ -115,8 +115,10 @@ def prepare_workdir(args) -> dict:
     for strategy in ("lora", "linear-probe"):
         path = adapters / f"{strategy}-task.safetensors"
         if not path.exists():
-            save_adapter(random_adapter(base, processor, f"{strategy}-task", ["fish", "shark"], strategy=strategy),
-                         path)
+            adapter = random_adapter(base, processor, f"{strategy}-task", ["fish", "shark"], strategy=strategy)
+            # the synthetic factors scaled into what validation accepts (an update within 10x the weight's norm)
+            adapter.lora = {name: 0.1 * factor for name, factor in adapter.lora.items()}
+            save_adapter(adapter, path)
     # 1,000 registered prompt adapters for the memory figures: the 100 prompts with new offsets (no BERT run).
     rss_dirs = {}
     for count in (1, 100, 1000):

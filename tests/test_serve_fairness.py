@@ -103,6 +103,14 @@ def test_a_light_tenant_never_waits_on_a_long_heavy_batch_nor_shares_its_pass():
     picked = [("heavy", "h1"), ("light", "l1"), ("fresh", "f0"), ("light", "l2")]  # a batch in fair order
     runs = queue.runs(picked)  # parted by cost, cheapest first (an unmeasured tenant joins the cheapest)
     assert [[item for _, item in run] for run in runs] == [["f0", "l1", "l2"], ["h1"]]
+    # A flooding tenant of the same cost as a light user runs after it, in its own pass.
+    queue = FairQueue(max_total=100, per_tenant=50)
+    queue.charge({"flood": 1}, 0.1)
+    for i in range(6):
+        queue.put("flood", f"x{i}")
+    queue.put("light", "l3")
+    picked = queue.take(4, 0.0)
+    assert [[item for _, item in run] for run in queue.runs(picked)] == [["l3"], ["x0", "x1", "x2"]]
 
 
 def test_an_idle_tenant_banks_no_credit():

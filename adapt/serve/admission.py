@@ -8,11 +8,12 @@ to its tenants: all of it to the one tenant of a single-tenant batch, and in pro
 recent seconds per request in a mixed one. A tenant whose requests cost ten times more therefore gets a
 tenth of the slots while others wait, and a light tenant is never queued behind a heavy one's backlog.
 
-Two rules bound how long a light tenant waits behind a heavy one's compute. While a tenant whose requests
-cost at most half as much is active, a batch holds one request of a heavier tenant, so the batch in progress
-when a light request arrives is short. And a batch is run as cost classes, cheapest first (`runs`): tenants
-whose requests cost more than twice the cheapest of the class run after it, so a light request never shares
-its pass with a heavy one.
+Two rules bound how long a light user waits behind a flood. While a tenant whose requests cost at most half
+as much is active, a batch holds one request of a heavier tenant, so the batch in progress when a light
+request arrives is short. And a batch runs as several passes (`runs`): first the requests of tenants with
+nothing more waiting, then those of tenants with a backlog, each part by cost classes (a tenant whose
+requests cost more than twice the cheapest of the class runs after it), so a light user's request never
+waits for a flooding tenant's share of its own batch.
 
 Refusals fall on the tenant over its share: a full tenant queue refuses that tenant (TenantOverShare,
 HTTP 429); when all queues together are full, the newest request of the tenant holding the most is
@@ -178,17 +179,22 @@ class FairQueue(Generic[Item]):
         return picked
 
     def runs(self, picked: list[tuple[str, Item]]) -> list[list[tuple[str, Item]]]:
-        """Split a picked batch into cost classes, cheapest first: a tenant whose requests cost more than twice
-        the cheapest of the current class starts the next one (unmeasured tenants join the cheapest)."""
-        cost = {name: self._tenants[name].cost if name in self._tenants else 0.0 for name, _ in picked}
+        """Split a picked batch into the passes to run, in order: the tenants with nothing more waiting (light
+        users) before those with a backlog, and within each, cost classes, cheapest first (a tenant whose
+        requests cost more than twice the cheapest of the class starts the next one; unmeasured tenants join
+        the cheapest). A batch without both kinds and of one class stays one pass."""
+        with self._changed:
+            backlogged = {name for name, _ in picked if self.waiting(name)}
+            cost = {name: self._tenants[name].cost if name in self._tenants else 0.0 for name, _ in picked}
         classes: list[list[tuple[str, Item]]] = []
-        floor = 0.0
-        for name in sorted(cost, key=cost.get):
-            if not classes or (floor and cost[name] > _CLASS_RATIO * floor):
-                classes.append([])
-                floor = cost[name]
-            floor = floor or cost[name]
-            classes[-1] += [pair for pair in picked if pair[0] == name]
+        for group in ([n for n in cost if n not in backlogged], [n for n in cost if n in backlogged]):
+            floor, first = 0.0, True
+            for name in sorted(group, key=cost.get):
+                if first or (floor and cost[name] > _CLASS_RATIO * floor):
+                    classes.append([])
+                    floor, first = cost[name], False
+                floor = floor or cost[name]
+                classes[-1] += [pair for pair in picked if pair[0] == name]
         return classes
 
     def charge(self, counts: dict[str, int], seconds: float) -> dict[str, float]:
