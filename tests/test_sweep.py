@@ -47,7 +47,7 @@ def test_grid_and_bad_input_are_refused_before_any_run(data_root, tmp_path):
     assert parse_shots("full") is None and parse_shots("0") == 0
     with pytest.raises(ValueError, match="neither an integer nor 'full'"):
         small(data_root, tmp_path, shots=("ten",))
-    with pytest.raises(ValueError, match="Did you mean 'prompt-tune'"):
+    with pytest.raises(ValueError, match="did you mean 'prompt-tune'"):
         small(data_root, tmp_path, strategies=("prompt-tuning",))
     with pytest.raises(ValueError, match="unknown base"):
         run_sweep(small(data_root, tmp_path, base=("glip-nanoo",)), log=lambda *_: None)

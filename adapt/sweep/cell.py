@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from adapt.strategy_spec import get_strategy
 from adapt.sweep.grid import ZERO_SHOT, Cell, SweepConfig, retention_source
 from glip_io import atomic_write
 
@@ -60,7 +61,7 @@ def _tuned(cell: Cell, config: SweepConfig) -> dict:
     try:
         retention = adapted_retention_ap(adapter_path, cell.base, config)
     finally:
-        if cell.strategy == "finetune" or not config.keep_adapters:
+        if get_strategy(cell.strategy).serving == "own-model" or not config.keep_adapters:
             adapter_path.unlink(missing_ok=True)
     return {"AP": round(result.tuned.AP, 2), "AP50": round(result.tuned.AP50, 2), "retention_AP": retention,
             "trainable_parameters": result.trainable_parameters, "adapter_bytes": result.adapter_bytes}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapt import STRATEGY_NAMES
+from adapt.strategy_spec import get_strategy
 
 ZERO_SHOT = "zero-shot"
 EXECUTORS = ("local", "ray")
@@ -56,7 +57,7 @@ class SweepConfig:
             if not getattr(self, name):
                 raise ValueError(f"--{name} is empty; pass at least one value")
         for strategy in self.strategies:
-            _check_choice("strategy", strategy, STRATEGY_NAMES)
+            get_strategy(strategy)  # refuses an unknown one with the closest registered name
         _check_choice("executor", self.executor, EXECUTORS)
         object.__setattr__(self, "shots", tuple(str(parse_shots(s) if parse_shots(s) is not None else "full")
                                                 for s in self.shots))

@@ -7,7 +7,7 @@ import io
 import statistics
 from pathlib import Path
 
-from adapt import STRATEGY_NAMES
+from adapt.strategy_spec import STRATEGIES
 from adapt.sweep.cell import ROW_FIELDS
 from adapt.sweep.grid import ZERO_SHOT
 from glip_io import atomic_write
@@ -52,7 +52,7 @@ def render_table(rows: list[dict]) -> str:
     """Mean ± std over seeds of AP and retention, one line per base, task, strategy and shots."""
     lines = ["| base | task | strategy | shots | seeds | AP | AP50 | retention AP | retention % of base |",
              "|---|---|---|---|---|---|---|---|---|"]
-    order = {name: i for i, name in enumerate((ZERO_SHOT,) + STRATEGY_NAMES)}
+    order = {name: i for i, name in enumerate((ZERO_SHOT,) + tuple(STRATEGIES))}
     for (base, task, strategy, shots), group in sorted(
             _groups(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99), _shot_key(kv[0][3]))):
         column = lambda key: [float(r[key]) for r in group if r.get(key) not in (None, "")]  # noqa: E731
@@ -79,7 +79,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     shots = sorted({k[2] for k in mean if k[1] != ZERO_SHOT} | {"0"}, key=_shot_key)
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     for base_index, base in enumerate(sorted({k[0] for k in mean})):
-        for strategy_index, strategy in enumerate(s for s in STRATEGY_NAMES if any(k[1] == s for k in mean)):
+        for strategy_index, strategy in enumerate(s for s in tuple(STRATEGIES) if any(k[1] == s for k in mean)):
             points = [(i, mean[(base, strategy, s)] if s != "0" else mean.get((base, ZERO_SHOT, "0")))
                       for i, s in enumerate(shots)]
             points = [(x, y) for x, y in points if y is not None and (x == 0 or (base, strategy, shots[x]) in mean)]
@@ -100,7 +100,7 @@ def plot_retention(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     markers = ["o", "s", "^"]
     for base_index, base in enumerate(sorted({k[0] for k in ap})):
-        for strategy_index, strategy in enumerate((ZERO_SHOT,) + STRATEGY_NAMES):
+        for strategy_index, strategy in enumerate((ZERO_SHOT,) + tuple(STRATEGIES)):
             keys = [k for k in ap if k[0] == base and k[1] == strategy and k in kept]
             if keys:
                 axes.scatter([kept[k] for k in keys], [ap[k] for k in keys], color=f"C{strategy_index}",
