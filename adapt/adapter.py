@@ -125,8 +125,9 @@ def save_adapter(adapter: Adapter, path: str | Path, prompt_dtype: str | None = 
     return atomic_write(path, lambda tmp: save_file(adapter.tensors(dtype), str(tmp), metadata=adapter.metadata()))
 
 
-def read_metadata(path: str | Path, source: str | None = None) -> dict[str, str]:
-    """The header metadata of an adapter file; `source` names it in errors (default: the path)."""
+def read_adapter_header(path: str | Path, source: str | None = None) -> dict[str, str]:
+    """The header metadata of an adapter file, refusing any file that is not one; `source` names it in errors
+    (default: the path)."""
     path = Path(path)
     label = source or str(path)
     if not path.is_file():
@@ -156,7 +157,7 @@ def load_adapter(path: str | Path, base=None, expect_strategy: str | None = None
     """
     path = Path(path)
     label = source or str(path)
-    meta = read_metadata(path, label)
+    meta = read_adapter_header(path, label)
     try:
         tensors = load_file(str(path))
     except Exception as error:
@@ -507,7 +508,7 @@ def check_base(adapter: Adapter, base, path: str | Path = "adapter") -> None:
 
 def describe(path: str | Path) -> str:
     """Everything an adapter file holds, for `adapt adapters inspect`."""
-    meta = read_metadata(path)
+    meta = read_adapter_header(path)
     lines = [f"adapter {path} ({Path(path).stat().st_size:,} bytes)"]
     for key in ("strategy", "task", "base_model", "base_fingerprint", "format_version", "toolkit_version", "prompt"):
         lines.append(f"  {key:<17} {meta.get(key, '')}")
@@ -586,7 +587,7 @@ def merge_adapter(path: str | Path, out: str | Path, base_name: str | None = Non
     from backbone.checkpoints import save_model
     from backbone.model import GLIP
 
-    meta = read_metadata(path)
+    meta = read_adapter_header(path)
     base = GLIP.from_pretrained(base_name or meta["base_model"])
     adapter = load_adapter(path, base=base)
     apply_adapter(base, adapter)

@@ -102,9 +102,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.suffix == ".safetensors":
-        from adapt.adapter import read_metadata
+        from adapt.adapter import read_adapter_header
 
-        text = read_metadata(path).get("config")
+        text = read_adapter_header(path).get("config")
         if not text:
             raise ValueError(f"adapter {path} holds no training config (written by an older glip-adapt); pass the "
                              "run's config.yaml instead")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from glip_io import atomic_write, check_writable
 from adapt import STRATEGIES, __version__
 from adapt.onnx_runtime import METADATA_KEY, OUTPUT_NAMES
-from adapt.adapter import Adapter, apply_adapter, base_fingerprint, load_adapter, read_merged, read_metadata
+from adapt.adapter import Adapter, apply_adapter, base_fingerprint, load_adapter, read_adapter_header, read_merged
 from backbone.anchors import BoxCoder, grid_anchors
 from backbone.device import DTYPES
 from backbone.dyhead import use_deform_impl
@@ -117,7 +117,7 @@ def load_task(adapter_path: str | Path, base: str | None = None) -> tuple[GLIP, 
     merged = read_merged(adapter_path)
     if merged is not None:
         return GLIP.from_pretrained(str(adapter_path)), merged
-    meta = read_metadata(adapter_path, label)
+    meta = read_adapter_header(adapter_path, label)
     strategy = meta.get("strategy", "")
     spec = STRATEGIES.get(strategy)
     if spec is None or spec.export is None:  # StrategySpec.export: how a strategy exports, None when it does not

@@ -20,7 +20,7 @@ from pathlib import Path, PurePath
 
 from glip_io import atomic_write
 from adapt import __version__
-from adapt.adapter import Adapter, AdapterError, load_adapter, read_metadata
+from adapt.adapter import Adapter, AdapterError, load_adapter, read_adapter_header
 
 SCHEME = "hf://"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -90,7 +90,7 @@ def open_adapter(ref: str | PurePath) -> Path:
         return Path(ref)
     label = _as_text(ref)
     path = _download(parse_ref(label), label)
-    read_metadata(path, source=label)  # a file that is no adapter is refused here, named by its reference
+    read_adapter_header(path, source=label)  # a file that is no adapter is refused here, named by its reference
     return path
 
 
@@ -141,7 +141,7 @@ def push(adapter: str | PurePath, repo_id: str, *, private: bool = False, revisi
         return PushResult(repo_id, revision, [f.name for f in files], str(local_dir))
     with tempfile.TemporaryDirectory(prefix="adapt-push-") as staging:
         files = write_repo(adapter, staging, repo_id)
-        meta = read_metadata(files[0])
+        meta = read_adapter_header(files[0])
         url = _upload(Path(staging), repo_id, private=private, revision=revision, token=token,
                       message=f"Upload {meta['strategy']} adapter for task {meta['task']!r}")
     return PushResult(repo_id, revision, [f.name for f in files], url)
@@ -167,7 +167,7 @@ def write_repo(adapter: str | PurePath, folder: str | Path, repo_id: str) -> lis
     loaded = load_adapter(path, source=label)  # every check a reader would make, before anything is written
     data = path.read_bytes()
     folder = Path(folder)
-    config = adapter_config(read_metadata(path, source=label), hashlib.sha256(data).hexdigest())
+    config = adapter_config(read_adapter_header(path, source=label), hashlib.sha256(data).hexdigest())
     return [atomic_write(folder / ADAPTER_FILE, data),
             atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode()),
             atomic_write(folder / CARD_FILE, str(model_card(loaded, repo_id)).encode())]

@@ -26,7 +26,7 @@ class AdapterDetector:
              dtype: str | torch.dtype | None = None) -> "AdapterDetector":
         """From an adapter file or `hf://` reference (on its base, or `base`), or from a merged single-task model
         file."""
-        from adapt.adapter import AdapterError, read_merged, read_metadata
+        from adapt.adapter import AdapterError, read_adapter_header, read_merged
         from adapt.hub import open_adapter
 
         resolve_dtype(dtype, resolve_device(device))  # refuse an impossible device or dtype before loading
@@ -34,7 +34,7 @@ class AdapterDetector:
         merged = read_merged(adapter_path)
         if merged is not None:
             return cls(GLIP.from_pretrained(str(adapter_path)), merged, device=device, dtype=dtype)
-        name = base or read_metadata(adapter_path, label).get("base_model")  # refuses non-adapters first
+        name = base or read_adapter_header(adapter_path, label).get("base_model")  # refuses non-adapters first
         if not name:
             raise AdapterError(f"{label} does not name its base model; pass --base CHECKPOINT")
         glip = GLIP.from_pretrained(name)

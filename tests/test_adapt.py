@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from adapt.adapter import AdapterError, load_adapter, read_metadata
+from adapt.adapter import AdapterError, load_adapter, read_adapter_header
 from adapt.cli import app
 from adapt.predict import AdapterDetector
 from adapt.grounding import GroundingBatch
@@ -100,7 +100,7 @@ def test_tune_writes_an_adapter_that_reproduces_the_tuned_model(workspace, strat
     path = report.adapter_path
     assert report.adapter_bytes == path.stat().st_size
     assert report.tuned.per_category and report.zero_shot is not None
-    meta = read_metadata(path)
+    meta = read_adapter_header(path)
     assert meta["strategy"] == strategy and meta["task"] == TASK
     assert json.loads(meta["evaluation"])["tuned"]["AP"] == pytest.approx(report.tuned.AP)
     detector = AdapterDetector.load(path)

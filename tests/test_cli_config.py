@@ -200,9 +200,9 @@ def test_the_written_config_reproduces_the_adapter_bit_for_bit(workspace, tmp_pa
     for other in ("b", "c"):
         b = load_file(str(tmp_path / f"{other}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), other
-    from adapt.adapter import read_metadata
+    from adapt.adapter import read_adapter_header
 
-    configs = [json.loads(read_metadata(tmp_path / f"{n}.safetensors")["config"]) for n in "abc"]
+    configs = [json.loads(read_adapter_header(tmp_path / f"{n}.safetensors")["config"]) for n in "abc"]
     for config in configs:
         del config["out"], config["run_dir"]
     del written["out"], written["run_dir"]
