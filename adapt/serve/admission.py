@@ -8,9 +8,9 @@ to its tenants: all of it to the one tenant of a single-tenant batch, and in pro
 recent seconds per request in a mixed one. A tenant whose requests cost ten times more therefore gets a
 tenth of the slots while others wait, and a light tenant is never queued behind a heavy one's backlog.
 
-Two rules bound how long a light user waits behind a flood. While a tenant whose requests cost at most half
-as much is active, a batch holds one request of a heavier tenant, so the batch in progress when a light
-request arrives is short. And a batch runs as several passes (`runs`): first the requests of tenants with
+Two rules bound how long a light user waits behind a flood. The requests of backlogged tenants in one batch
+cost at most a full batch of the lightest tenant active in the last 30 s (one request at least), so the
+batch in progress when a light request arrives is short. And a batch runs as several passes (`runs`): first the requests of tenants with
 nothing more waiting, then those of tenants with a backlog, each part by cost classes (a tenant whose
 requests cost more than twice the cheapest of the class runs after it), so a light user's request never
 waits for a flooding tenant's share of its own batch.
@@ -158,18 +158,18 @@ class FairQueue(Generic[Item]):
         default_cost = sum(known) / len(known) if known else 1.0
         recent = time.monotonic() - _ACTIVE_S
         active = [t.cost for t in self._tenants.values() if t.cost and (t.waiting or t.last_put > recent)]
-        heavy = _CLASS_RATIO * min(active) if active else math.inf  # costlier than this: one per batch
-        picked, heavy_picked = [], False
+        budget = max_items * min(active) if active else math.inf  # a full batch of the lightest active tenant
+        picked, backlog_cost = [], 0.0
         while clock and len(picked) < max_items:
             # least charged first; on a tie, the tenant whose head request arrived first
             name = min(clock, key=lambda n: (clock[n], self._tenants[n].waiting[0][0]))
             entry = self._tenants[name]
             cost = entry.cost or default_cost
-            if cost > heavy:
-                if heavy_picked:
+            if len(entry.waiting) > 1:  # a backlogged tenant: its part of the batch is bounded
+                if backlog_cost and backlog_cost + cost > budget:
                     del clock[name]  # its turn comes first in a later batch
                     continue
-                heavy_picked = True
+                backlog_cost += cost
             picked.append((name, entry.waiting.popleft()[1]))
             self._total -= 1
             clock[name] += cost  # tentative: the measured charge follows the batch
