@@ -244,6 +244,7 @@ def profile_on_signal(path: str) -> None:
         state["count"] += 1
         atomic_write(path, json.dumps({
             "dump": state["count"], "traced_mb": current / 2**20, "traced_peak_mb": peak / 2**20, "rss_mb": rss_mb(),
+            "profiler_own_mb": tracemalloc.get_tracemalloc_memory() / 2**20,  # its traces, the kept baseline
             "heap_in_use_mb": info and info.uordblks / 2**20, "heap_free_mb": info and info.fordblks / 2**20,
             "heap_arena_mb": info and info.arena / 2**20, "mmapped_mb": info and info.hblkhd / 2**20,
             "top_growth_since_baseline": growth}).encode())
@@ -680,7 +681,9 @@ def section_soak(args, plan) -> dict:
                 if dump:
                     profiles.append({"requests": len(results), **{k: v for k, v in dump.items()
                                                                   if k != "top_growth_since_baseline"}})
-                    line += (f", traced heap {dump['traced_mb']:.1f} MiB, glibc in use {dump['heap_in_use_mb']:.0f} "
+                    line += (f", traced heap {dump['traced_mb']:.1f} MiB (profiler's own "
+                             f"{dump['profiler_own_mb']:.0f}), "
+                             f"glibc in use {dump['heap_in_use_mb']:.0f} "
                              f"free {dump['heap_free_mb']:.0f} mmapped {dump['mmapped_mb']:.0f} MiB")
             print(line, flush=True)
         alive = proc.poll() is None
@@ -734,7 +737,8 @@ def section_soak(args, plan) -> dict:
           flush=True)
     if "rss_drift_after_warmup_pct" in out:
         print(f"  RSS after the {out['warmup_requests']}-request warm-up {out['rss_mb_after_warmup']:.0f} MiB; "
-              f"drift to the end {out['rss_drift_after_warmup_pct']:+.2f} %, highest {out['rss_max_after_warmup_pct']:+.2f} %",
+              f"drift to the end {out['rss_drift_after_warmup_pct']:+.2f} %, "
+              f"highest {out['rss_max_after_warmup_pct']:+.2f} %",
               flush=True)
     for row in out.get("top_growth_since_warmup", [])[:8]:
         print(f"    {row['kib']:+10.1f} KiB {row['blocks']:+7d} blocks  {row['where']}", flush=True)
@@ -803,7 +807,8 @@ def section_fair(args, plan=None) -> dict:
     side = args.image_size or base.config.image.max_size
     image = image_bytes(side, side, seed=3)
     print(f"  A: prompt adapter, 3 categories; B: LoRA r={bounds.max_lora_rank} on "
-          f"{len(heavy.lora_config['target_modules'])} layers, {heavy.input_ids.shape[1]}-token prompt; images {side}x{side}; A {args.fair_rate:g} req/s, "
+          f"{len(heavy.lora_config['target_modules'])} layers, {heavy.input_ids.shape[1]}-token prompt; images "
+          f"{side}x{side}; A {args.fair_rate:g} req/s, "
           f"B {10 * args.fair_rate:g} req/s; queues {bounds.tenant_queue} per tenant, {bounds.max_queue} in all",
           flush=True)
     del base

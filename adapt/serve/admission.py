@@ -10,10 +10,10 @@ tenth of the slots while others wait, and a light tenant is never queued behind 
 
 Two rules bound how long a light user waits behind a flood. The requests of backlogged tenants in one batch
 cost at most a full batch of the lightest tenant active in the last 30 s (one request at least), so the
-batch in progress when a light request arrives is short. And a batch runs as several passes (`runs`): first the requests of tenants with
-nothing more waiting, then those of tenants with a backlog, each part by cost classes (a tenant whose
-requests cost more than twice the cheapest of the class runs after it), so a light user's request never
-waits for a flooding tenant's share of its own batch.
+batch in progress when a light request arrives is short. And a batch runs as several passes (`runs`): first
+the requests of tenants with nothing more waiting, then those of tenants with a backlog, each part by cost
+classes (a tenant whose requests cost more than twice the cheapest of the class runs after it), so a light
+user's request never waits for a flooding tenant's share of its own batch.
 
 Refusals fall on the tenant over its share: a full tenant queue refuses that tenant (TenantOverShare,
 HTTP 429); when all queues together are full, the newest request of the tenant holding the most is
