@@ -169,9 +169,10 @@ def test_a_tenant_over_its_share_gets_429_with_retry_after(adapters_dir):
 
 
 def test_a_flooding_tenant_never_makes_another_fail(adapters_dir):
-    """B floods with its heaviest allowed adapter at 10x A's rate (open loop: 40 and 4 requests a second, more than
-    the tiny model serves of B's). The global queue is smaller than B's backlog, so without per-tenant queues A
-    would be refused or expire behind B; with them, only B is refused."""
+    """B floods with its heaviest allowed adapter at 10x A's rate (open loop: 40 and 4 requests a second; B's come in
+    bursts of 20 every half second, so each burst overflows B's share however fast the machine serves). The global
+    queue is smaller than a burst, so without per-tenant queues A would be refused or expire behind B; with them,
+    only B is refused."""
     config = EngineConfig(max_batch=4, batch_window_ms=2.0, max_queue=8, tenant_queue=4, deadline_s=20.0)
     engine = MultiTenantEngine(tiny_base(), adapters_dir, config)
     image = image_bytes(96, 64, seed=1)
@@ -189,7 +190,7 @@ def test_a_flooding_tenant_never_makes_another_fail(adapters_dir):
                     return tenant, -1
 
             calls = [call("team-a", "alpha", 0.5 + i * 0.25) for i in range(12)]
-            calls += [call("team-b", "heavy", i * 0.025) for i in range(150)]
+            calls += [call("team-b", "heavy", (i // 20) * 0.5) for i in range(150)]
             return await asyncio.gather(*calls)
 
     with serve_in_thread(serve_engine(engine, tenancy())) as url:
