@@ -29,6 +29,9 @@ def run_ray(cells: list[Cell], config: SweepConfig, *, log=print) -> None:
             trainable,
             param_space={"cell": tune.grid_search([dataclasses.asdict(c) for c in cells]),
                          "sweep": config.to_dict()},
+            # Every trial asks the same resources, so one worker process serves trial after trial and pays the
+            # import of torch and the model code once, not per cell.
+            tune_config=tune.TuneConfig(reuse_actors=True),
             run_config=tune.RunConfig(name="trials", storage_path=str(config.out / "ray"), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=config.retries)),
         )
