@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
@@ -18,15 +17,11 @@ from adapt.serve.tenancy import Tenancy, hash_key  # noqa: E402
 from adapt.serve.testing import heaviest_adapter, image_bytes, serve_in_thread, tiny_base, write_adapter  # noqa: E402
 from backbone.processor import GLIPProcessor  # noqa: E402
 
-KEYS = {"team-a": "key-a-0123456789", "team-b": "key-b-0123456789", "ops": "key-admin-0123456789"}
+from tests._serve_helpers import KEYS  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import socket
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -18,16 +17,11 @@ from adapt.serve.testing import bomb_bytes, image_bytes, serve_in_thread, tiny_b
 from backbone.processor import GLIPProcessor  # noqa: E402
 
 KEYS = {"team-a": "key-a-0123456789", "ops": "key-admin-0123456789"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 AUTH = {"Authorization": f"Bearer {KEYS['team-a']}"}
 ADMIN = {"Authorization": f"Bearer {KEYS['ops']}"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
