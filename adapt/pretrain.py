@@ -17,7 +17,7 @@ from adapt.cli_config import write_config
 from adapt.grounding import GroundingCollator, GroundingModel, grounding_loss, grounding_loss_fn
 from adapt.train import TrainConfig, Trainer
 from adapt.train.config import check_overrides
-from adapt.train.tracking import flat_params, open_trackers, parse_report_to
+from adapt.train.tracking import canonical_report_to, flat_params, open_trackers
 from backbone.checkpoints import save_model
 from backbone.config import GLIPConfig, get_preset
 from backbone.detector import GLIPDetector
@@ -59,7 +59,7 @@ class PretrainConfig:
                 "comma-separated list of tensorboard, mlflow, wandb"})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "report_to", ",".join(parse_report_to(self.report_to)) or "none")
+        object.__setattr__(self, "report_to", canonical_report_to(self.report_to))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         check_overrides(self.trainer, "PretrainConfig")
 

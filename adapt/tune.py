@@ -26,7 +26,7 @@ from adapt.grounding import GroundingBatch, GroundingCollator, grounding_loss, g
 from adapt.strategies import LORA_DEFAULT_TARGETS, AdaptedGLIP
 from adapt.train import TrainConfig, Trainer, load_trainable, set_seed
 from adapt.train.config import check_overrides
-from adapt.train.tracking import Tracker, flat_params, open_trackers, parse_report_to
+from adapt.train.tracking import Tracker, canonical_report_to, flat_params, open_trackers
 from backbone.detector import GLIPDetector
 from backbone.device import DTYPES, resolve_device, resolve_dtype
 from backbone.model import GLIP
@@ -85,7 +85,7 @@ class TuneConfig:
                 "metrics, adapter size): 'none' or a comma-separated list of tensorboard, mlflow, wandb"})
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "report_to", ",".join(parse_report_to(self.report_to)) or "none")
+        object.__setattr__(self, "report_to", canonical_report_to(self.report_to))
         get_strategy(self.strategy)  # refuses an unknown strategy, listing the registered ones
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}; pass one of them")

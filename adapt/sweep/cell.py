@@ -22,10 +22,7 @@ def run_cell(cell: Cell, config: SweepConfig) -> dict:
 
     torch.set_num_threads(config.threads())
     started = time.perf_counter()
-    row = {"task": cell.task, "base": cell.base, "strategy": cell.strategy, "shots": cell.shots_label,
-           "seed": cell.seed, "device": str(resolve_device(config.device)),
-           "dtype": config.dtype if cell.strategy != ZERO_SHOT else "float32",
-           "config_hash": cell.config_hash(config)}
+    row = {**cell.identity(config), "device": str(resolve_device(config.device))}
     base_retention = base_retention_ap(cell.base, config)
     if cell.strategy == ZERO_SHOT:
         metrics = _zero_shot(cell, config)

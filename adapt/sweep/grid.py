@@ -129,6 +129,12 @@ class Cell:
                 "dtype": config.dtype if tuned else "float32", "eval_limit": config.eval_limit,
                 "retention": retention_source(config, self.base), "retention_limit": config.retention_limit}
 
+    def identity(self, config: SweepConfig) -> dict:
+        """The columns that name this cell in results.csv, whatever its outcome."""
+        return {"task": self.task, "base": self.base, "strategy": self.strategy, "shots": self.shots_label,
+                "seed": self.seed, "dtype": config.dtype if self.strategy != ZERO_SHOT else "float32",
+                "config_hash": self.config_hash(config)}
+
     def config_hash(self, config: SweepConfig) -> str:
         return hashlib.sha256(json.dumps(self.settings(config), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -20,8 +20,7 @@ def run_ray(cells: list[Cell], config: SweepConfig, *, log=print) -> None:
         raise ValueError(f"--executor ray needs Ray Tune, which is not installed; {RAY_EXTRA}") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
-                 **({} if config.address else {"num_cpus": None}))
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
     try:
         check_resources(config.resources(), ray.cluster_resources(), config.trial_resources)
         trainable = tune.with_resources(_trial, {k.lower(): v for k, v in config.resources().items()})

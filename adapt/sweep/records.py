@@ -11,9 +11,7 @@ from glip_io import atomic_write
 
 def failed_row(cell: Cell, config: SweepConfig, error: BaseException) -> dict:
     message = " ".join(str(error).split()) or type(error).__name__
-    return {"task": cell.task, "base": cell.base, "strategy": cell.strategy, "shots": cell.shots_label,
-            "seed": cell.seed, "dtype": config.dtype, "config_hash": cell.config_hash(config), "status": "failed",
-            "error": f"{type(error).__name__}: {message}"}
+    return {**cell.identity(config), "status": "failed", "error": f"{type(error).__name__}: {message}"}
 
 
 def cell_path(config: SweepConfig, cell: Cell) -> Path:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapt.train.tracking import parse_report_to
+from adapt.train.tracking import canonical_report_to
 from backbone.device import DTYPES
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -81,8 +81,7 @@ class TrainConfig:
                  f"pass dtype={_AMP_TO_DTYPE.get(self.amp, 'float32')!r}")
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_choice("best_mode", self.best_mode, ("max", "min"))
-        object.__setattr__(self, "report_to", ",".join(parse_report_to(self.report_to, "TrainConfig.report_to"))
-                           or "none")
+        object.__setattr__(self, "report_to", canonical_report_to(self.report_to, "TrainConfig.report_to"))
         for name in ("batch_size", "grad_accumulation", "checkpoint_every", "log_every"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1", "pass a positive integer")
         for name in ("max_steps", "epochs", "eval_every", "max_bad_steps"):

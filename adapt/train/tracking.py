@@ -51,6 +51,11 @@ def parse_report_to(value: str, owner: str = "report_to") -> tuple[str, ...]:
     return tuple(names)
 
 
+def canonical_report_to(value: str, owner: str = "report_to") -> str:
+    """`value` as every config stores it: the checked tracker names, comma-joined, or 'none'."""
+    return ",".join(parse_report_to(value, owner)) or "none"
+
+
 def open_trackers(report_to: str, log_dir: str | Path, run_name: str) -> Trackers:
     """The trackers named in `report_to`, opened for one run. Use as a context manager, or call finish().
 
