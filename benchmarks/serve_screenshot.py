@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/images/serve_page.png")
     args = parser.parse_args()
 
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from adapt.adapter import save_adapter
     from adapt.serve.app import serve_engine
@@ -49,7 +49,8 @@ def main() -> None:
         page.wait_for_selector("#admin:not([hidden])")
         page.fill("#threshold", args.threshold)
         drop_image(page, image, "aquarium.png")
-        page.wait_for_function("document.querySelector('#status').textContent.includes('detection(s)')", timeout=60_000)
+        # A locator assertion, not wait_for_function: the page's CSP forbids the eval a string predicate needs.
+        expect(page.locator("#status")).to_contain_text("detection(s)", timeout=60_000)
         page.screenshot(path=args.out, full_page=True)
         browser.close()
     print(f"wrote {args.out}")

@@ -4,9 +4,14 @@ A tenant pastes a key, picks a task, drops an image and sees boxes drawn; an adm
 with versions and uploads one. The server is the real app under uvicorn on 127.0.0.1 (the docs'
 screenshot is made the same way on glip-nano by benchmarks/serve_screenshot.py).
 """
+import re
+
 import pytest
 
 pytest.importorskip("fastapi")
+playwright_sync = pytest.importorskip("playwright.sync_api")
+# Locator assertions, not wait_for_function: the page's CSP forbids eval, which string predicates need.
+expect = playwright_sync.expect
 
 from adapt.adapter import save_adapter  # noqa: E402
 from adapt.serve.app import HTTPLimits, serve_engine  # noqa: E402
@@ -30,9 +35,7 @@ def server(adapters_dir):
 
 @pytest.fixture()
 def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
+    with playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.set_default_timeout(30_000)
@@ -44,7 +47,8 @@ def connect(page, url, key):
     page.goto(url + "/")
     page.fill("#key", key)
     page.click("#connect")
-    page.wait_for_function("document.querySelector('#task').options.length > 0 && !document.querySelector('#task').disabled")
+    expect(page.locator("#task option")).not_to_have_count(0)
+    expect(page.locator("#task")).to_be_enabled()
 
 
 def test_tenant_drops_an_image_and_sees_boxes(server, page, tmp_path):
@@ -55,7 +59,7 @@ def test_tenant_drops_an_image_and_sees_boxes(server, page, tmp_path):
     page.select_option("#task", "alpha")
     page.fill("#threshold", "0")
     drop_image(page, image_bytes(320, 200, seed=3))
-    page.wait_for_function("Number(document.querySelector('#canvas').dataset.boxes) > 0")
+    expect(page.locator("#canvas")).to_have_attribute("data-boxes", re.compile(r"^[1-9][0-9]*$"))
     result = page.evaluate("JSON.parse(document.querySelector('#json').textContent)")
     boxes = int(page.get_attribute("#canvas", "data-boxes"))
     assert result["task"] == "alpha" and boxes == len(result["detections"]) > 0
@@ -86,8 +90,8 @@ def test_admin_sees_versions_and_uploads(server, page, processor, tmp_path):
     page.fill("#upload-name", "new-kite")
     page.set_input_files("#upload-file", str(path))
     page.click("#upload")
-    page.wait_for_function("document.querySelector('#upload-status').textContent.startsWith('Added new-kite')")
-    page.wait_for_function("[...document.querySelectorAll('#adapters tbody tr')].some(r => r.cells[0].textContent === 'new-kite')")
+    expect(page.locator("#upload-status")).to_have_text(re.compile(r"^Added new-kite"))
+    expect(page.locator("#adapters tbody tr td:first-child", has_text=re.compile(r"^new-kite$"))).to_have_count(1)
     page.fill("#upload-name", "new-bad")
     (tmp_path / "bad.safetensors").write_bytes(b"not an adapter")
     page.set_input_files("#upload-file", str(tmp_path / "bad.safetensors"))
