@@ -373,11 +373,6 @@ def _serve(
     keys: Annotated[Optional[str], typer.Option(
         help="API key file (JSON/YAML with sha256 digests, see docs/serving.md); default $ADAPT_SERVE_KEYS (a path "
              "or inline JSON); none = open server, no uploads")] = None,
-    max_body_mb: Annotated[int, typer.Option(help="largest detect request body, MiB")] = 16,
-    header_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request's headers (then 408 "
-                                                       "and the connection closes)")] = 10.0,
-    body_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request's body after its "
-                                                     "headers (then 408 and the connection closes)")] = 10.0,
     docs: Annotated[bool, typer.Option("--docs", help="serve Swagger UI at /docs (it loads its scripts from a "
                                                       "CDN)")] = False,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
@@ -398,11 +393,14 @@ def _serve(
         import torch
 
         torch.set_num_threads(threads)
+    http_values = values.pop("http", {})
+    if "max_upload_bytes" in http_values:
+        raise ValueError("the upload cap is the engine's: write max_upload_bytes at the top of the config file, not "
+                         "under http:")
     config = EngineConfig(**values)
+    http = HTTPLimits(**http_values, max_upload_bytes=config.max_upload_bytes)
     resolve_dtype(config.dtype, resolve_device(config.device))  # refuse a device this machine lacks before loading
     key_config = load_keys(keys or os.environ.get("ADAPT_SERVE_KEYS"))
-    http = HTTPLimits(max_body_bytes=max_body_mb * 2**20, header_timeout_s=header_timeout,
-                      body_timeout_s=body_timeout)
     options = dict(base=base, adapters_dir=adapters, engine_config=config, keys=key_config, host=host, port=port,
                    http=http, docs=docs)
     if ray:
@@ -412,9 +410,10 @@ def _serve(
 
 
 def _build_serve():
+    from adapt.serve.app import HTTPLimits
     from adapt.serve.engine import EngineConfig
 
-    return build_command("serve", bind_options(_serve, EngineConfig))
+    return build_command("serve", bind_options(_serve, EngineConfig, nested={"http": HTTPLimits}))
 
 
 def _sweep(values: dict) -> None:

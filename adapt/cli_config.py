@@ -39,6 +39,8 @@ NOT_OPTIONS: dict[str, tuple[str, ...]] = {
                     "dtype", "amp", "distributed", "progress", "max_bad_steps"),
     "EngineConfig": ("keep_text",),
     "SweepConfig": ("data_root",),
+    # The upload cap is the engine's max_upload_bytes: one option, so the HTTP body limit cannot drift from it.
+    "HTTPLimits": ("max_upload_bytes",),
 }
 
 CONFIG_HELP = ("YAML file of option values (as written to a run's config.yaml), or an adapter file whose training "

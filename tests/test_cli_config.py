@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from adapt.cli import app
 from adapt.cli_config import NOT_OPTIONS, field_default, option_fields, option_name
 from adapt.pretrain import PretrainConfig
+from adapt.serve.app import HTTPLimits
 from adapt.serve.engine import EngineConfig
 from adapt.train.config import TrainConfig
 from adapt.tune import TuneConfig
@@ -42,6 +43,8 @@ def test_every_config_field_is_an_option_with_its_default_and_help(name):
     own = {f.name for f in expected}
     if with_trainer:
         expected += [f for f in option_fields(TrainConfig) if f.name not in own]
+    if name == "serve":  # the HTTP limits, nested under `http:` in a config file
+        expected += option_fields(HTTPLimits)
     assert len(expected) > 10
     for f in expected:
         param = options[option_name(f.name)]
@@ -148,10 +151,15 @@ def test_serve_and_pretrain_read_their_config_files(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(adapt.serve.server, "run_http", lambda **options: seen.update(options))
     path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump({"max_batch": 2, "deadline_s": 5.0, "port": 9000, "device": "cpu"}))
-    result = CliRunner().invoke(app, ["serve", "--config", str(path), "--adapters", str(tmp_path), "--max-batch", "3"])
+    path.write_text(yaml.safe_dump({"max_batch": 2, "deadline_s": 5.0, "port": 9000, "device": "cpu",
+                                    "http": {"body_timeout_s": 3, "max_body_bytes": 5000}}))
+    result = CliRunner().invoke(app, ["serve", "--config", str(path), "--adapters", str(tmp_path), "--max-batch", "3",
+                                      "--max-body-bytes", "7000", "--max-upload-bytes", "9000"])
     assert result.exit_code == 0, result.output
-    assert seen["port"] == 9000 and seen["engine_config"] == EngineConfig(max_batch=3, deadline_s=5.0, device="cpu")
+    assert seen["port"] == 9000 and seen["engine_config"] == EngineConfig(max_batch=3, deadline_s=5.0, device="cpu",
+                                                                          max_upload_bytes=9000)
+    # The HTTP upload cap is the engine's: the two cannot disagree.
+    assert seen["http"] == HTTPLimits(max_body_bytes=7000, body_timeout_s=3.0, max_upload_bytes=9000)
 
     monkeypatch.setattr(adapt.pretrain, "pretrain", lambda config: seen.update(pretrain=config) or
                         adapt.pretrain.PretrainResult(preset="x", steps=0, seed=0, wall_time_s=0, device="cpu",

@@ -99,7 +99,7 @@ def test_errors_quote_the_servers_own_limits(client):
         assert "4,000,000" in message and "--max-pixels" in message, message
         assert "89,478,485" not in message and "89478485" not in message and "178956970" not in message
     big = detect(client, b"\0" * 400_000)
-    assert big.status_code == 413 and "300,000 bytes (--max-body-mb)" in big.json()["error"]["message"]
+    assert big.status_code == 413 and "300,000 bytes (--max-body-bytes)" in big.json()["error"]["message"]
     assert detect(client, image_bytes()).status_code == 200
 
 
@@ -167,7 +167,7 @@ def test_half_sent_headers_are_cut_at_the_header_timeout(slow_server):
     seconds, answer = held_for(slow_server, [b"POST /v1/tasks/alpha/detect HTTP/1.1\r\nHost: x\r\n",
                                              b"X-Slow: 1\r\n", b"X-Slow: 2\r\n"] + [b"X-More: y\r\n"] * 40, 0.3)
     assert 0.8 <= seconds < 3.0, seconds
-    assert answer.startswith(b"HTTP/1.1 408") and b"(--header-timeout)" in answer
+    assert answer.startswith(b"HTTP/1.1 408") and b"(--header-timeout-s)" in answer
 
 
 def test_a_trickled_body_is_cut_at_the_body_timeout(slow_server):

@@ -425,7 +425,7 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
         share = None if tenancy.open else who.name  # an open server cannot tell callers apart: each task is one
         timeout = request_timeout(request.headers.get("x-timeout-ms"), backend.deadline_s)  # before queueing
         backend.check_capacity(share, task)  # refuse before spending time on decoding
-        body = await read_body(request, limits.max_body_bytes, "--max-body-mb")
+        body = await read_body(request, limits.max_body_bytes, "--max-body-bytes")
         data, params = await parse_detect(request, body)
         image = await run_in_threadpool(backend.prepare, data)
         result = await backend.detect(task, image, params, timeout, share)
@@ -441,7 +441,7 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
     async def put_adapter(name: str, request: Request, _who: Tenant = Depends(admin)):
         try:
             validate_name(name)
-            body = await read_body(request, limits.max_upload_bytes, "the adapter upload limit")
+            body = await read_body(request, limits.max_upload_bytes, "--max-upload-bytes")
             if _media_type(request) == "multipart/form-data":
                 body = (await _form(request, body)).get("adapter")
                 if not isinstance(body, (bytes, bytearray)):

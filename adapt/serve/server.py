@@ -81,7 +81,7 @@ class ReadDeadlineProtocol(H11Protocol):
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
-            option = "--header-timeout" if part == "headers" else "--body-timeout"
+            option = "--header-timeout-s" if part == "headers" else "--body-timeout-s"
             body = json.dumps({"error": {"code": "request_timeout", "message": f"the request {part} did not arrive "
                                f"within the server's limit of {seconds:g} s ({option})"}}).encode()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"

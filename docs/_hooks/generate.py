@@ -24,7 +24,9 @@ def on_files(files, config):
     from mkdocs.structure.files import File
 
     results = ROOT / "benchmarks" / "results"
-    for path in sorted(p for p in results.rglob("*") if p.is_file()):
+    # A run's adapters and Ray Tune's state stay local (.gitignore), and a sweep may be writing them meanwhile.
+    local = {"adapters", "ray"}
+    for path in sorted(p for p in results.rglob("*") if p.is_file() and not local & set(p.relative_to(results).parts)):
         files.append(File.generated(config, f"results/{path.relative_to(results).as_posix()}", abs_src_path=str(path)))
     return files
 
