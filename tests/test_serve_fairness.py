@@ -106,6 +106,17 @@ def test_a_light_tenant_never_waits_on_a_long_heavy_batch_nor_shares_its_pass():
     queue.put("light", "l3")
     picked = queue.take(4, 0.0)
     assert [[item for _, item in run] for run in queue.runs(picked)] == [["l3"], ["x0", "x1", "x2"]]
+    # Once the light user is measured, a flood of the same cost runs one request per batch while it is about,
+    # so the light user's next request waits for one request, not for a batch of the flood.
+    queue.charge({"light": 1}, 0.1)
+    queue.charge({"flood": 3}, 0.3)
+    assert [item for _, item in queue.take(4, 0.0)] == ["x3"]
+    # Without a light user about, the flood batches fully.
+    queue = FairQueue(max_total=100, per_tenant=50)
+    queue.charge({"flood": 1}, 0.1)
+    for i in range(6):
+        queue.put("flood", f"x{i}")
+    assert len(queue.take(4, 0.0)) == 4
 
 
 def test_an_idle_tenant_banks_no_credit():

@@ -8,9 +8,10 @@ to its tenants: all of it to the one tenant of a single-tenant batch, and in pro
 recent seconds per request in a mixed one. A tenant whose requests cost ten times more therefore gets a
 tenth of the slots while others wait, and a light tenant is never queued behind a heavy one's backlog.
 
-Two rules bound how long a light user waits behind a flood. The requests of backlogged tenants in one batch
-cost at most a full batch of the lightest tenant active in the last 30 s (one request at least), so the
-batch in progress when a light request arrives is short. And a batch runs as several passes (`runs`): first
+Two rules bound how long a light user waits behind a flood. While a light user (a tenant active in the last
+30 s with at most one request waiting) is about, the requests of backlogged tenants in one batch cost at most
+one of its requests (one backlogged request at least); among backlogged tenants only, at most a full batch of
+the lightest. So the batch in progress when a light request arrives is short. And a batch runs as several passes (`runs`): first
 the requests of tenants with nothing more waiting, then those of tenants with a backlog, each part by cost
 classes (a tenant whose requests cost more than twice the cheapest of the class runs after it), so a light
 user's request never waits for a flooding tenant's share of its own batch.
@@ -157,8 +158,11 @@ class FairQueue(Generic[Item]):
         known = [t.cost for t in self._tenants.values() if t.cost]
         default_cost = sum(known) / len(known) if known else 1.0
         recent = time.monotonic() - _ACTIVE_S
-        active = [t.cost for t in self._tenants.values() if t.cost and (t.waiting or t.last_put > recent)]
-        budget = max_items * min(active) if active else math.inf  # a full batch of the lightest active tenant
+        active = [t for t in self._tenants.values() if t.cost and (t.waiting or t.last_put > recent)]
+        light = [t.cost for t in active if len(t.waiting) <= 1]
+        # With a light user about, a backlog's part of a batch costs one of its requests, so it waits little;
+        # among backlogs only, a full batch of the lightest of them.
+        budget = min(light) if light else max_items * min(t.cost for t in active) if active else math.inf
         picked, backlog_cost = [], 0.0
         while clock and len(picked) < max_items:
             # least charged first; on a tie, the tenant whose head request arrived first
