@@ -144,3 +144,20 @@ def test_ray_executor_matches_local_runs_and_skips_finished_cells(data_root, tmp
                       log=lambda *_: None)
     finally:
         ray.shutdown()
+
+
+def test_a_dataset_folder_is_a_task_and_scores_as_the_registered_task(data_root, tmp_path):
+    """A user's export folder sweeps like a registered task: the same images give the same AP either way."""
+    import shutil
+
+    from tasks.icons.suite import task_dir
+
+    folder = tmp_path / "my-export"
+    shutil.copytree(task_dir(data_root, TASK), folder)  # the generated task is a Roboflow COCO export
+    options = dict(strategies=("prompt-tune",), shots=("0", "1"))
+    by_name = run_sweep(small(data_root, tmp_path / "by-name", **options), log=lambda *_: None)
+    by_folder = run_sweep(small(data_root, tmp_path / "by-folder", task=(str(folder),), **options),
+                          log=lambda *_: None)
+    assert [r["status"] for r in by_folder] == ["ok", "ok"] and {r["task"] for r in by_folder} == {str(folder)}
+    assert [(r["strategy"], r["AP"], r["retention_AP"]) for r in by_folder] == \
+        [(r["strategy"], r["AP"], r["retention_AP"]) for r in by_name]
