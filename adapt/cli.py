@@ -393,12 +393,8 @@ def _serve(
         import torch
 
         torch.set_num_threads(threads)
-    http_values = values.pop("http", {})
-    if "max_upload_bytes" in http_values:
-        raise ValueError("the upload cap is the engine's: write max_upload_bytes at the top of the config file, not "
-                         "under http:")
+    http = HTTPLimits(**values.pop("http", {}))
     config = EngineConfig(**values)
-    http = HTTPLimits(**http_values, max_upload_bytes=config.max_upload_bytes)
     resolve_dtype(config.dtype, resolve_device(config.device))  # refuse a device this machine lacks before loading
     key_config = load_keys(keys or os.environ.get("ADAPT_SERVE_KEYS"))
     options = dict(base=base, adapters_dir=adapters, engine_config=config, keys=key_config, host=host, port=port,

@@ -39,8 +39,6 @@ NOT_OPTIONS: dict[str, tuple[str, ...]] = {
                     "dtype", "amp", "distributed", "progress", "max_bad_steps"),
     "EngineConfig": ("keep_text",),
     "SweepConfig": ("data_root",),
-    # The upload cap is the engine's max_upload_bytes: one option, so the HTTP body limit cannot drift from it.
-    "HTTPLimits": ("max_upload_bytes",),
 }
 
 CONFIG_HELP = ("YAML file of option values (as written to a run's config.yaml), or an adapter file whose training "
@@ -240,8 +238,12 @@ def bind_options(func: Callable, config: type, *, fixed: Mapping[str, Any] | Non
                 if not isinstance(value, dict):
                     raise ValueError(f"{label} must be a mapping of {nested[key].__name__} fields")
                 nested_hints = hints[nested[key]]
-                values[key] = {k: coerce(nested_hints[k], v, f"{label}.{k}") if k in nested_hints else v
-                               for k, v in value.items()}
+                for k in value:
+                    if k not in nested_hints:
+                        close = difflib.get_close_matches(k, nested_hints, n=1)
+                        raise ValueError(f"{label}: unknown option {k!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                         else "") + f"; options under {key} are {', '.join(nested_hints)}")
+                values[key] = {k: coerce(nested_hints[k], v, f"{label}.{k}") for k, v in value.items()}
             elif key in file_keys:
                 values[key] = coerce(file_keys[key], value, label)
             elif key in own_names:

@@ -113,8 +113,8 @@ def client(adapters_dir):
     from adapt.serve.app import HTTPLimits, serve_engine
     from tests._serve_helpers import make_engine, tenancy
 
-    engine = make_engine(adapters_dir, batch_window_ms=2.0)
-    app = serve_engine(engine, tenancy(), HTTPLimits(max_body_bytes=300_000, max_upload_bytes=200_000))
+    engine = make_engine(adapters_dir, batch_window_ms=2.0, max_upload_bytes=200_000)
+    app = serve_engine(engine, tenancy(), HTTPLimits(max_body_bytes=300_000))
     with TestClient(app) as c:
         c.engine = engine
         yield c

@@ -158,8 +158,11 @@ def test_serve_and_pretrain_read_their_config_files(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert seen["port"] == 9000 and seen["engine_config"] == EngineConfig(max_batch=3, deadline_s=5.0, device="cpu",
                                                                           max_upload_bytes=9000)
-    # The HTTP upload cap is the engine's: the two cannot disagree.
-    assert seen["http"] == HTTPLimits(max_body_bytes=7000, body_timeout_s=3.0, max_upload_bytes=9000)
+    assert seen["http"] == HTTPLimits(max_body_bytes=7000, body_timeout_s=3.0)
+    # The upload cap has one home, the engine's option: under http: it is an unknown key, refused in one line.
+    path.write_text(yaml.safe_dump({"http": {"max_upload_bytes": 5000}}))
+    result = CliRunner().invoke(app, ["serve", "--config", str(path), "--adapters", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown option 'max_upload_bytes'" in result.output, result.output
 
     monkeypatch.setattr(adapt.pretrain, "pretrain", lambda config: seen.update(pretrain=config) or
                         adapt.pretrain.PretrainResult(preset="x", steps=0, seed=0, wall_time_s=0, device="cpu",

@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary fo
 
 @pytest.fixture()
 def server(adapters_dir):
-    engine = make_engine(adapters_dir, batch_window_ms=2.0)
-    app = serve_engine(engine, tenancy(), HTTPLimits(max_body_bytes=2_000_000, max_upload_bytes=1_000_000))
+    engine = make_engine(adapters_dir, batch_window_ms=2.0, max_upload_bytes=1_000_000)
+    app = serve_engine(engine, tenancy(), HTTPLimits(max_body_bytes=2_000_000))
     with serve_in_thread(app) as url:
         yield url
 

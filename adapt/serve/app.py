@@ -78,7 +78,6 @@ _DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.
 @dataclass(frozen=True, kw_only=True)
 class HTTPLimits:
     max_body_bytes: int = field(default=16 * 2**20, metadata={"help": "largest detect request body, bytes"})
-    max_upload_bytes: int = field(default=64 * 2**20, metadata={"help": "largest adapter upload body, bytes"})
     header_timeout_s: float = field(default=10.0, metadata={
         "help": "a client must send a request's headers within this many seconds of connecting (or of its previous "
                 "response), else it gets 408 and the connection is closed"})
@@ -87,7 +86,7 @@ class HTTPLimits:
                 "the connection is closed"})
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_upload_bytes", "header_timeout_s", "body_timeout_s"):
+        for name in ("max_body_bytes", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"HTTPLimits.{name}={getattr(self, name)} must be positive")
 
@@ -103,6 +102,7 @@ class Backend(Protocol):
 
     metrics: Metrics
     deadline_s: float  # default and largest per-request deadline
+    max_upload_bytes: int  # largest adapter file: the engine's max_upload_bytes caps an upload's body too
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -128,6 +128,7 @@ class EngineBackend:
         self.engine = engine
         self.metrics = engine.metrics
         self.deadline_s = engine.config.deadline_s
+        self.max_upload_bytes = engine.config.max_upload_bytes
 
     async def start(self) -> None:
         self.engine.start()
@@ -441,7 +442,7 @@ def create_app(backend: Backend, tenancy: Tenancy | None = None, limits: HTTPLim
     async def put_adapter(name: str, request: Request, _who: Tenant = Depends(admin)):
         try:
             validate_name(name)
-            body = await read_body(request, limits.max_upload_bytes, "--max-upload-bytes")
+            body = await read_body(request, backend.max_upload_bytes, "--max-upload-bytes")
             if _media_type(request) == "multipart/form-data":
                 body = (await _form(request, body)).get("adapter")
                 if not isinstance(body, (bytes, bytearray)):

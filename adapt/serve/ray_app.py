@@ -115,10 +115,11 @@ class AdapterModel:
 class RayBackend:
     """The HTTP app's backend inside the ingress replica: every model call goes to `AdapterModel`."""
 
-    def __init__(self, handle, adapters_dir: str, deadline_s: float, max_image_bytes: int):
+    def __init__(self, handle, adapters_dir: str, deadline_s: float, max_image_bytes: int, max_upload_bytes: int):
         self.handle = handle
         self.directory = Path(adapters_dir)
         self.deadline_s = deadline_s
+        self.max_upload_bytes = max_upload_bytes
         self.max_image_bytes = max_image_bytes
         self.metrics = Metrics()
 
@@ -179,12 +180,14 @@ class Ingress:
     """The public HTTP contract (adapt.serve.app), built in the replica around the model's handle."""
 
     def __init__(self, model, adapters_dir: str, tenancy: dict | None, limits: dict, deadline_s: float,
-                 docs: bool = False):
+                 max_upload_bytes: int, docs: bool = False):
         self.model, self.adapters_dir, self.tenancy, self.deadline_s = model, adapters_dir, tenancy, deadline_s
+        self.max_upload_bytes = max_upload_bytes
         self.limits, self.docs = HTTPLimits(**limits), docs
 
     def __serve_build_asgi_app__(self):
-        backend = RayBackend(self.model, self.adapters_dir, self.deadline_s, self.limits.max_body_bytes)
+        backend = RayBackend(self.model, self.adapters_dir, self.deadline_s, self.limits.max_body_bytes,
+                             self.max_upload_bytes)
         tenancy = Tenancy.from_dict(self.tenancy) if self.tenancy else Tenancy()
         return create_app(backend, tenancy, self.limits, manage_backend=False, docs=self.docs)
 
@@ -219,7 +222,8 @@ def build_app(*, base: str, adapters_dir: str | Path, engine_config: EngineConfi
         max_ongoing_requests=engine_config.max_queue + engine_config.max_batch,
     ).bind(base, str(adapters_dir), dataclasses.asdict(engine_config), threads)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
-        model, str(adapters_dir), tenancy, dataclasses.asdict(limits), engine_config.deadline_s, docs)
+        model, str(adapters_dir), tenancy, dataclasses.asdict(limits), engine_config.deadline_s,
+        engine_config.max_upload_bytes, docs)
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None, blocking: bool = True):

@@ -128,8 +128,7 @@ def run_http(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig
     if tenancy.open:
         log.warning("no API keys configured: every caller may use every task and nobody may upload adapters")
     scan_folder(engine.pool)
-    limits = dataclasses.replace(http, max_upload_bytes=engine_config.max_upload_bytes)
-    uvicorn.Server(http_config(serve_engine(engine, tenancy, limits, docs=docs), limits, host=host, port=port,
+    uvicorn.Server(http_config(serve_engine(engine, tenancy, http, docs=docs), http, host=host, port=port,
                                log_level=log_level)).run()
 
 
@@ -159,7 +158,7 @@ def run_ray(*, base: str, adapters_dir: str | Path, engine_config: EngineConfig 
     if replicas is None:  # one replica per GPU on CUDA (each reserves one), else one
         replicas = torch.cuda.device_count() if resolve_device(engine_config.device).type == "cuda" else 1
     app = build_app(base=base, adapters_dir=str(Path(adapters_dir).resolve()), engine_config=engine_config,
-                    tenancy=keys, limits=dataclasses.replace(http, max_upload_bytes=engine_config.max_upload_bytes),
+                    tenancy=keys, limits=http,
                     num_replicas=replicas, threads=threads, docs=docs)
     run(app, host=host, port=port, num_cpus=num_cpus, blocking=False)
     print(f"serving on http://{host}:{port} (Ray Serve, {replicas} model replica(s)); Ctrl-C stops", flush=True)
@@ -183,8 +182,6 @@ def processor_for(config, image_size: int | None):
     """None (the engine's default) unless a square `image_size` overrides the config's resize."""
     if config is None or image_size is None:
         return None
-    import dataclasses
-
     from backbone.processor import GLIPProcessor
 
     image = dataclasses.replace(config.image, min_size=image_size, max_size=image_size)
